@@ -1,0 +1,3 @@
+"""Package metadata, read by ``setup.cfg`` (``version = attr: ...``)."""
+
+__version__ = "0.1.0"

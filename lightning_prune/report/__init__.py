@@ -1,0 +1,5 @@
+"""Measurements of models before and after compression."""
+
+from lightning_prune.report.summary import format_stats, model_stats
+
+__all__ = ["format_stats", "model_stats"]
