@@ -95,6 +95,8 @@ def test_missing_backend_names_the_install(monkeypatch: pytest.MonkeyPatch) -> N
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faster_coco_eval" else real(name))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "faster_coco_eval" else real(name)
+    )
     with pytest.raises(ModuleNotFoundError, match="pip install faster-coco-eval"):
         build_map_metric("faster_coco_eval")
