@@ -81,7 +81,7 @@ class DetectionDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         augment: Whether to augment training data (validation is never augmented).
         hflip: Horizontal flip probability.
-        scale: Random zoom magnitude, zoom in ``[1 - scale, 1 + scale]``; in [0, 1).
+        zoom: Random zoom magnitude, zoom in ``[1 - zoom, 1 + zoom]``; in [0, 1).
         translate: Random shift as a fraction of S; in [0, 1].
         color_jitter: Brightness/contrast/saturation jitter (hue gets a twentieth of it); in [0, 1].
         mosaic: Probability of a 4-image mosaic per training sample.
@@ -108,7 +108,7 @@ class DetectionDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         augment: bool = True,
         hflip: float = 0.5,
-        scale: float = 0.5,
+        zoom: float = 0.5,
         translate: float = 0.1,
         color_jitter: float = 0.3,
         mosaic: float = 0.0,
@@ -119,14 +119,15 @@ class DetectionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         _check_args(locals())
-        self.save_hyperparameters()
+        # `num_classes` is checked against the model, not logged twice (Lightning refuses differing duplicate hparams)
+        self.save_hyperparameters(ignore=["num_classes"])
         self.format = format
         self.root = root
         self.train_split, self.val_split = train_split, val_split
         self.user_class_names = list(class_names) if class_names is not None else None
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.augment = augment
-        self.hflip, self.scale, self.translate = hflip, scale, translate
+        self.hflip, self.zoom, self.translate = hflip, zoom, translate
         self.color_jitter, self.mosaic = color_jitter, mosaic
         self.num_train, self.num_val, self.seed = num_train, num_val, seed
         self.expected_num_classes = num_classes
@@ -242,7 +243,7 @@ class DetectionDataModule(pl.LightningDataModule):
         dataset = self._require(self.train_dataset, "fit")
         if self.augment:
             transforms = detection_transforms(
-                self.img_size, True, self.hflip, self.scale, self.translate, self.color_jitter
+                self.img_size, True, self.hflip, self.zoom, self.translate, self.color_jitter
             )
             return self._loader(_TransformedDataset(dataset, transforms, self.mosaic, self.img_size), shuffle=True)
         return self._loader(_TransformedDataset(dataset, detection_transforms(self.img_size)), shuffle=True)
@@ -276,8 +277,8 @@ def _check_args(args: dict[str, Any]) -> None:
         value = args[name]
         if not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"Expected argument `{name}` to be a float in [0, 1] but got {value!r}.")
-    if not isinstance(args["scale"], (int, float)) or not 0 <= args["scale"] < 1:
-        raise ValueError(f"Expected argument `scale` to be a float in [0, 1) but got {args['scale']!r}.")
+    if not isinstance(args["zoom"], (int, float)) or not 0 <= args["zoom"] < 1:
+        raise ValueError(f"Expected argument `zoom` to be a float in [0, 1) but got {args['zoom']!r}.")
     num_classes = args["num_classes"]
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"Expected argument `num_classes` to be a positive int or None but got {num_classes!r}.")

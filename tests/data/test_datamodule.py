@@ -151,7 +151,7 @@ def test_loader_options(tmp_path):
         ({"mosaic": -0.1}, ValueError, r"Expected argument `mosaic` to be a float in \[0, 1\] but got -0.1"),
         ({"translate": 2}, ValueError, r"Expected argument `translate` to be a float in \[0, 1\] but got 2"),
         ({"color_jitter": 1.1}, ValueError, r"`color_jitter` to be a float in \[0, 1\] but got 1.1"),
-        ({"scale": 1.0}, ValueError, r"Expected argument `scale` to be a float in \[0, 1\) but got 1.0"),
+        ({"zoom": 1.0}, ValueError, r"Expected argument `zoom` to be a float in \[0, 1\) but got 1.0"),
         ({"num_classes": 0}, ValueError, "Expected argument `num_classes` to be a positive int or None but got 0"),
         (
             {"num_classes": 9},
