@@ -45,10 +45,11 @@ def main() -> None:
     curve = [(int(r["epoch"]), float(r["val/mAP50"]), float(r["val/mAP"])) for r in rows if r.get("val/mAP50")]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("[lightning-prune]")]
     epoch, map50, map5095 = curve[-1]
-    first_08 = next((e for e, m, _ in curve if m >= 0.8), None)
+    first_08 = next((e + 1 for e, m, _ in curve if m >= 0.8), None)  # 1-based epoch
     body = "\n".join(
         [
-            f"Command: `{' '.join(['lightning-prune', *cmd[3:5], *overrides])}` (logger switched to CSV to read the curve).",
+            f"Command: `{' '.join(['lightning-prune', *cmd[3:6], *overrides])}` (logger switched to CSV to read the"
+            " curve; the data cache was warm unless the first run).",
             "",
             "| wall time (s) | epochs | final val mAP50 | final val mAP50-95 | first epoch with mAP50 >= 0.8 | target |",
             "| --- | --- | --- | --- | --- | --- |",
