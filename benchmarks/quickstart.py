@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import write_section  # noqa: E402
+from _results import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,9 +51,10 @@ def main() -> None:
             f"Command: `{' '.join(['lightning-prune', *cmd[3:6], *overrides])}` (logger switched to CSV to read the"
             " curve; the data cache was warm unless the first run).",
             "",
-            "| wall time (s) | epochs | final val mAP50 | final val mAP50-95 | first epoch with mAP50 >= 0.8 | target |",
+            "| wall time (s) | epochs | final val mAP50 | final val mAP50-95 | first epoch with mAP50 >= 0.8"
+            " | target |",
             "| --- | --- | --- | --- | --- | --- |",
-            f"| {wall:.0f} | {epoch + 1} | {map50:.3f} | {map5095:.3f} | {first_08 if first_08 is not None else 'never'}"
+            f"| {wall:.0f} | {epoch + 1} | {map50:.3f} | {map5095:.3f} | {first_08 or 'never'}"
             f" | <= 600 s to mAP50 >= 0.8: {'met' if wall <= 600 and map50 >= 0.8 else 'NOT met'} |",
             "",
             "mAP50 per epoch: " + ", ".join(f"{m:.3f}" for _, m, _ in curve),

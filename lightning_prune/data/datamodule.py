@@ -17,7 +17,7 @@ Example:
 """
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -99,10 +99,10 @@ class DetectionDataModule(pl.LightningDataModule):
     def __init__(
         self,
         format: Literal["shapes", "coco", "yolo"] = "shapes",
-        root: Optional[str] = None,
+        root: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
-        class_names: Optional[list[str]] = None,
+        class_names: list[str] | None = None,
         img_size: int = 320,
         batch_size: int = 16,
         num_workers: int = 2,
@@ -115,7 +115,7 @@ class DetectionDataModule(pl.LightningDataModule):
         num_train: int = 1000,
         num_val: int = 200,
         seed: int = 0,
-        num_classes: Optional[int] = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         _check_args(locals())
@@ -131,9 +131,9 @@ class DetectionDataModule(pl.LightningDataModule):
         self.color_jitter, self.mosaic = color_jitter, mosaic
         self.num_train, self.num_val, self.seed = num_train, num_val, seed
         self.expected_num_classes = num_classes
-        self.train_dataset: Optional[DetectionDataset] = None
-        self.val_dataset: Optional[DetectionDataset] = None
-        self._class_names: Optional[list[str]] = None
+        self.train_dataset: DetectionDataset | None = None
+        self.val_dataset: DetectionDataset | None = None
+        self._class_names: list[str] | None = None
 
     # ------------------------------------------------------------------ classes
     @property
@@ -206,7 +206,7 @@ class DetectionDataModule(pl.LightningDataModule):
             self._shapes_root()
 
     @override
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.val_dataset is None:
             self.val_dataset = self._load(self.val_split)
         if stage in (None, "fit") and self.train_dataset is None:
@@ -231,7 +231,7 @@ class DetectionDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def _require(self, dataset: Optional[DetectionDataset], stage: str) -> DetectionDataset:
+    def _require(self, dataset: DetectionDataset | None, stage: str) -> DetectionDataset:
         if dataset is None:
             self.setup(stage)
             dataset = self.train_dataset if stage == "fit" else self.val_dataset

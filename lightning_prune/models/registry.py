@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from lightning_prune.models.base import DetectorModule
 from lightning_prune.models.yolov3 import YOLOv3

@@ -1,4 +1,3 @@
-from typing import Optional
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from lightning_prune.data.transforms import PAD_VALUE, Letterbox, Mosaic, detect
 COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=torch.uint8)
 
 
-def _sample(h: int, w: int, boxes: list, labels: Optional[list] = None):
+def _sample(h: int, w: int, boxes: list, labels: list | None = None):
     """A gray image with each box filled by the colour of its label (so labels can be checked after augmenting)."""
     labels = labels if labels is not None else [i % 3 for i in range(len(boxes))]
     image = torch.full((3, h, w), 60, dtype=torch.uint8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def test_warmup_cosine_schedule() -> None:
     assert schedule(10) == pytest.approx(1.0) and schedule(60) == pytest.approx(0.505)
     assert schedule(110) == pytest.approx(0.01) and schedule(500) == pytest.approx(0.01)
     values = [schedule(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay after warmup
+    assert all(a >= b for a, b in itertools.pairwise(values))  # monotone decay after warmup
 
 
 @pytest.mark.parametrize(

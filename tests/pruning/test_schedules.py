@@ -1,3 +1,4 @@
+import itertools
 import math
 import re
 
@@ -25,7 +26,7 @@ def test_schedule_is_monotonic_and_ends_at_target(name, steps):
     ratios = SCHEDULES[name](0.6, steps)
     assert len(ratios) == steps
     assert ratios[-1] == 0.6
-    assert all(0 < a < b for a, b in zip(ratios, ratios[1:]))
+    assert all(0 < a < b for a, b in itertools.pairwise(ratios))
 
 
 def test_one_shot():
