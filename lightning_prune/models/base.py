@@ -28,6 +28,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import batched_nms
 
 from lightning_prune.metrics.coco import build_map_metric
+from lightning_prune.pruning.checkpoint import PrunableMixin
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]]]
 
@@ -46,8 +47,11 @@ def letterbox_to_original(boxes: torch.Tensor, target: dict[str, torch.Tensor]) 
     return out
 
 
-class DetectorModule(pl.LightningModule):
+class DetectorModule(PrunableMixin, pl.LightningModule):
     """Base class of the reference YOLO detectors.
+
+    Pruned checkpoints load as they are (``fit(ckpt_path=...)``, ``load_from_checkpoint``): the
+    :class:`~lightning_prune.pruning.checkpoint.PrunableMixin` replays the stored pruning history first.
 
     Args:
         num_classes: number of object classes; checked against the data module at ``setup``.

@@ -1,0 +1,105 @@
+"""Restore a pruned model's structure from its checkpoint, on the module side.
+
+Lightning restores the module's weights (``LightningModule.on_load_checkpoint``, then a strict ``load_state_dict``)
+*before* any callback state, and ``LightningModule.load_from_checkpoint`` involves no callback at all. So the layers
+must be resized by the module itself: :class:`PrunableMixin` replays the
+:class:`~lightning_prune.pruning.PruningHistory`
+stored in ``checkpoint["lightning_prune"]`` on the freshly built module in ``on_load_checkpoint``. The history is
+plain data, so checkpoints load with ``torch.load(weights_only=True)``.
+
+Our reference detectors (:class:`~lightning_prune.models.DetectorModule`) already include the mixin; for your
+own module it is the one line to add: ``class MyDetector(PrunableMixin, pl.LightningModule)``.
+
+This module imports no Trainer internals: the mixin only implements the two checkpoint hooks.
+
+Example:
+    >>> from torch import nn
+    >>> len(pruning_history(nn.Conv2d(3, 8, 3)))
+    0
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_prune.pruning.history import PruningHistory
+
+CHECKPOINT_KEY = "lightning_prune"
+_HISTORY_ATTR = "_lightning_prune_history"
+_ROOT_ATTR = "_lightning_prune_submodule"
+
+
+def pruning_history(module: nn.Module) -> PruningHistory:
+    """The pruning history of ``module`` (created empty on first use); module names are relative to its root."""
+    history = module.__dict__.get(_HISTORY_ATTR)
+    if history is None:
+        history = PruningHistory()
+        object.__setattr__(module, _HISTORY_ATTR, history)  # a plain attribute, not a submodule or a buffer
+    return history
+
+
+def pruning_root(module: nn.Module) -> str | None:
+    """The dotted name of the submodule the history was recorded on, ``None`` for the module itself."""
+    return module.__dict__.get(_ROOT_ATTR)
+
+
+def set_pruning_root(module: nn.Module, submodule: str | None) -> None:
+    object.__setattr__(module, _ROOT_ATTR, submodule)
+
+
+def save_pruning_state(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Write the history of ``module`` into ``checkpoint[CHECKPOINT_KEY]`` as plain data (nothing when unpruned)."""
+    history = pruning_history(module)
+    if len(history):
+        checkpoint[CHECKPOINT_KEY] = {"history": history.to_state(), "submodule": pruning_root(module)}
+
+
+def restore_pruning_state(module: nn.Module, checkpoint: dict[str, Any]) -> int:
+    """Replay the steps stored in ``checkpoint`` that ``module`` has not had yet, in place.
+
+    Returns:
+        The number of steps replayed.
+
+    Raises:
+        ValueError: the module was pruned differently from the checkpoint, or the history does not fit it.
+    """
+    state = checkpoint.get(CHECKPOINT_KEY)
+    if not state:
+        return 0
+    stored = PruningHistory.from_state(state["history"])
+    submodule = state.get("submodule")
+    history = pruning_history(module)
+    done = len(history)
+    if history.steps != stored.steps[:done] or (done and submodule != pruning_root(module)):
+        raise ValueError(
+            f"Expected the module to be unpruned or pruned as in the checkpoint but it holds {history!r} on "
+            f"`{pruning_root(module)}` and the checkpoint {stored!r} on `{submodule}`. "
+            "HINT: load the checkpoint into a freshly built module."
+        )
+    target = module.get_submodule(submodule) if submodule else module
+    stored.replay(target, start=done)
+    for step in stored.steps[done:]:
+        history.append(step)
+    set_pruning_root(module, submodule)
+    return len(stored) - done
+
+
+class PrunableMixin:
+    """Give a ``LightningModule`` pruned checkpoints: replays the stored pruning history before the strict load.
+
+    Put it first among the bases: ``class MyDetector(PrunableMixin, MyLightningModule)``. Then
+    ``trainer.fit(model, ckpt_path=...)`` resumes a pruned run and ``MyDetector.load_from_checkpoint(path)`` builds
+    the pruned architecture in a fresh process.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        assert isinstance(self, nn.Module)
+        save_pruning_state(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert isinstance(self, nn.Module)
+        restore_pruning_state(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]

@@ -1,0 +1,358 @@
+"""StructuredPruning in real (tiny) Trainer runs: shrinking, optimizer patching, resume and reload of pruned models."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_prune.callbacks import StructuredPruning, pruning_history
+from lightning_prune.models.base import count_parameters
+from lightning_prune.models.yolov3 import YOLOv3
+from lightning_prune.models.yolov8 import YOLOv8
+
+FAMILIES = {
+    "yolov3": lambda: YOLOv3("tiny", num_classes=2, img_size=64),
+    "yolov8": lambda: YOLOv8("n", num_classes=2, img_size=64),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)  # `Trainer(deterministic=True)` sets it process-wide
+
+
+def _collate(batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    images, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(targets)
+
+
+def make_loader(n: int = 4, batch_size: int = 2) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(n):
+        xy = torch.rand(2, generator=g) * 32
+        box = torch.cat([xy, xy + 16 + torch.rand(2, generator=g) * 16])
+        data.append((torch.rand(3, 64, 64, generator=g), {"boxes": box[None], "labels": torch.tensor([i % 2])}))
+    return DataLoader(data, batch_size=batch_size, collate_fn=_collate, shuffle=False)
+
+
+def make_trainer(tmp_path, callbacks: list, max_epochs: int, **kwargs: Any) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
+    return pl.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+class Recorder(pl.Callback):
+    """Parameter counts at each epoch start (after pruning) and every training loss."""
+
+    def __init__(self) -> None:
+        self.params: dict[int, int] = {}
+        self.losses: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.params[trainer.current_epoch] = count_parameters(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def optimizer_params(trainer: pl.Trainer) -> list[nn.Parameter]:
+    return [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_one_shot_prunes_and_training_continues(family, tmp_path):
+    pl.seed_everything(0)
+    model = FAMILIES[family]()
+    example = model.example_input_array
+    shapes = [tuple(r.shape) for r in model.eval()(example)]
+    before = count_parameters(model)
+    recorder = Recorder()
+    callback = StructuredPruning(pruning_ratio=0.5, importance="l2", epochs=[1])
+    trainer = make_trainer(tmp_path, [callback, recorder], max_epochs=2, limit_val_batches=1, num_sanity_val_steps=1)
+    trainer.fit(model, make_loader(), make_loader())
+
+    assert recorder.params[0] == before  # nothing pruned before epoch 1 (nor in the sanity check)
+    assert recorder.params[1] < 0.6 * before
+    assert count_parameters(model) == recorder.params[1]
+    assert len(recorder.losses) == 4 and all(math.isfinite(x) for x in recorder.losses)
+    assert [tuple(r.shape) for r in model.eval()(example)] == shapes
+    assert len(pruning_history(model)) == 1 and callback.state_dict() == {"steps_done": 1}
+    # every optimized parameter is a live parameter and vice versa, and all carry momentum
+    live = list(model.parameters())
+    assert sorted(map(id, optimizer_params(trainer))) == sorted(map(id, live))
+    assert all("momentum_buffer" in trainer.optimizers[0].state[p] for p in live)
+
+
+def test_iterative_steps_at_scheduled_epochs_are_logged(tmp_path):
+    pl.seed_everything(0)
+    model = FAMILIES["yolov3"]()
+    recorder = Recorder()
+    callback = StructuredPruning(pruning_ratio=0.5, schedule="cubic", epochs=[1, 2], lr_scale=0.5)
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = make_trainer(tmp_path, [callback, recorder], max_epochs=3, logger=logger)
+    trainer.fit(model, make_loader())
+
+    p = recorder.params
+    assert p[0] > p[1] > p[2] and p[2] < 0.6 * p[0]
+    assert len(pruning_history(model)) == 2
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(model.lr * 0.25)
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([model.lr * 0.25] * 2)
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = logged[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in logged[1:]]
+    ratios = [float(r["prune/params_ratio"]) for r in rows if r.get("prune/params_ratio")]
+    assert ratios == pytest.approx([p[1] / p[0], p[2] / p[1]], rel=0.02)
+
+
+def test_taylor_calibrates_without_logging(tmp_path):
+    pl.seed_everything(0)
+    model = FAMILIES["yolov3"]()
+    before = count_parameters(model)
+    callback = StructuredPruning(pruning_ratio=0.3, importance="taylor", epochs=[1], calibration_batches=1)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2)
+    trainer.fit(model, make_loader())
+    assert count_parameters(model) < before
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert "log" not in vars(model)  # the silencing patch is gone
+
+
+@pytest.mark.slow
+def test_resume_between_steps_and_reload_in_a_fresh_process(tmp_path):
+    def run(ckpt_path=None, checkpoint=None):
+        pl.seed_everything(0)
+        model = FAMILIES["yolov3"]()
+        callback = StructuredPruning(pruning_ratio=0.5, schedule="cubic", epochs=[1, 2])
+        callbacks = [callback] + ([checkpoint] if checkpoint else [])
+        trainer = make_trainer(tmp_path, callbacks, max_epochs=3, enable_checkpointing=checkpoint is not None)
+        trainer.fit(model, make_loader(), ckpt_path=ckpt_path)
+        return model, callback
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+    full, _ = run(checkpoint=checkpoint)
+    ckpt = torch.load(tmp_path / "ckpt" / "epoch=1.ckpt", weights_only=True)  # plain data only
+    assert len(ckpt["lightning_prune"]["history"]["steps"]) == 1
+    assert ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "StructuredPruning" in k)] == {"steps_done": 1}
+
+    resumed, callback = run(ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert callback.steps_done == 2 and pruning_history(resumed) == pruning_history(full)
+    expected, got = full.state_dict(), resumed.state_dict()
+    assert list(expected) == list(got)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save({"x": x, "y": full.eval()(x)}, tmp_path / "expected.pt")
+    code = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)
+        from lightning_prune.models.yolov3 import YOLOv3
+        model = YOLOv3.load_from_checkpoint({str(tmp_path / "ckpt" / "epoch=2.ckpt")!r}).eval()
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            for a, b in zip(model(expected["x"]), expected["y"]):
+                assert torch.equal(a, b)
+        print("OK", sum(p.numel() for p in model.parameters()))
+    """)
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["OK", str(count_parameters(full))]
+
+
+# ---------------------------------------------------------------------------------------------- pruning semantics
+def fake_trainer(epoch: int = 0) -> Any:
+    return SimpleNamespace(
+        sanity_checking=False,
+        current_epoch=epoch,
+        global_step=0,
+        is_global_zero=True,
+        world_size=1,
+        optimizers=[],
+        lr_scheduler_configs=[],
+        strategy=object(),
+        logger=None,
+        train_dataloader=None,
+    )
+
+
+def test_max_layer_ratio_caps_every_layer_against_the_original():
+    model = FAMILIES["yolov3"]()
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    callback = StructuredPruning(pruning_ratio=0.9, schedule="linear", epochs=[0, 1], max_layer_ratio=0.5)
+    callback.on_train_epoch_start(fake_trainer(epoch=1), model)  # both overdue steps, in order
+    assert callback.steps_done == 2 and len(pruning_history(model)) == 2
+    now = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(now[n] >= math.ceil(widths[n] / 2) for n in widths)
+    assert any(now[n] == math.ceil(widths[n] / 2) for n in widths)  # the cap binds
+    assert sum(now.values()) < sum(widths.values())
+    assert all(now[n] == widths[n] for n in model.adapter.output_layers(model))
+
+
+def test_ignored_layers_and_submodule():
+    model = FAMILIES["yolov8"]()
+    before = count_parameters(model)
+    neck = {n: m.out_channels for n, m in model.neck.named_modules() if isinstance(m, nn.Conv2d)}
+    callback = StructuredPruning(pruning_ratio=0.5, ignored_layers=[r"neck"])
+    callback.setup(None, model, "fit")
+    callback.on_train_epoch_start(fake_trainer(), model)
+    # ignoring a layer keeps its outputs (its inputs follow the layers before it)
+    assert {n: m.out_channels for n, m in model.neck.named_modules() if isinstance(m, nn.Conv2d)} == neck
+    assert count_parameters(model) < before
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    host = pl.LightningModule()
+    host.net = plain
+    host.example_input_array = torch.zeros(1, 3, 16, 16)
+    callback = StructuredPruning(pruning_ratio=0.5, submodule="net")
+    callback.setup(None, host, "fit")
+    callback.on_train_epoch_start(fake_trainer(), host)
+    assert (plain[0].out_channels, plain[3].out_channels) == (4, 4)  # the output conv keeps its width
+    assert pruning_history(host).steps[0][0]["module"] in {"0", "1", "3"}  # names relative to the submodule
+
+
+def test_resume_with_a_module_missing_its_history_errors():
+    model = YOLOv3("tiny", num_classes=2, img_size=64)
+    callback = StructuredPruning(schedule="linear", epochs=[1, 2])
+    callback.load_state_dict({"steps_done": 1})
+    with pytest.raises(MisconfigurationException, match=r"Expected the module to hold 1 pruning steps .* holds 0"):
+        callback.on_train_epoch_start(fake_trainer(epoch=2), model)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pruning_ratio": 1.5}, r"Expected argument `pruning_ratio` to be a float in \(0, 1\) but got 1.5."),
+        ({"pruning_ratio": 0.0}, r"Expected argument `pruning_ratio` to be a float in \(0, 1\) but got 0.0."),
+        ({"importance": "l3"}, r"Expected argument `importance` to be one of \[.*\] or a torch_pruning Importance"),
+        ({"schedule": "exp", "epochs": [1]}, r"Expected argument `schedule` to be one of \[.*\] or a callable"),
+        ({"schedule": "cubic"}, r"Expected argument `epochs` to be a list of epochs for schedule 'cubic'."),
+        ({"epochs": [2, 1], "schedule": "linear"}, r"Expected argument `epochs` to be strictly increasing ints >= 0"),
+        ({"epochs": [-1]}, r"Expected argument `epochs` to be strictly increasing ints >= 0 but got \[-1\]."),
+        ({"epochs": [1, 2]}, r"Expected argument `steps` to be 1 for the 'one_shot' schedule but got 2."),
+        ({"round_to": 0}, r"Expected argument `round_to` to be None or an int >= 1 but got 0."),
+        ({"max_layer_ratio": 0}, r"Expected argument `max_layer_ratio` to be a float in \(0, 1\] but got 0."),
+        ({"calibration_batches": 0}, r"Expected argument `calibration_batches` to be an int >= 1 but got 0."),
+        ({"lr_scale": -1.0}, r"Expected argument `lr_scale` to be None or a float > 0 but got -1.0."),
+        ({"ignored_layers": ["head("]}, r"Expected argument `ignored_layers` to hold valid regexes but got 'head\('"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StructuredPruning(**kwargs)
+
+
+def test_gradient_criterion_without_training_data_errors():
+    model = FAMILIES["yolov3"]()
+    with pytest.raises(MisconfigurationException, match="Expected a training dataloader to calibrate"):
+        StructuredPruning(importance="taylor").on_train_epoch_start(fake_trainer(), model)
+    assert all(m.training for m in model.modules())  # train mode restored on the error path
+
+
+def test_setup_errors():
+    model = FAMILIES["yolov3"]()
+    with pytest.raises(MisconfigurationException, match=r"`ignored_layers` .* 'neck.nothing' matches none"):
+        StructuredPruning(ignored_layers=["head", "neck.nothing"]).setup(None, model, "fit")
+    with pytest.raises(MisconfigurationException, match=r"Expected argument `submodule` to name a submodule of"):
+        StructuredPruning(submodule="tail").setup(None, model, "fit")
+    model.example_input_array = None
+    with pytest.raises(MisconfigurationException, match=r"Expected `YOLOv3.example_input_array` to be set"):
+        StructuredPruning().setup(None, model, "fit")
+
+
+def test_restore_refuses_a_differently_pruned_module():
+    pruned, other = FAMILIES["yolov3"](), FAMILIES["yolov3"]()
+    StructuredPruning(pruning_ratio=0.5).on_train_epoch_start(fake_trainer(), pruned)
+    StructuredPruning(pruning_ratio=0.2).on_train_epoch_start(fake_trainer(), other)
+    checkpoint: dict[str, Any] = {}
+    pruned.on_save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match=r"Expected the module to be unpruned or pruned as in the checkpoint"):
+        other.on_load_checkpoint(checkpoint)
+    fresh = FAMILIES["yolov3"]()
+    fresh.on_load_checkpoint(checkpoint)  # a fresh module takes the structure, then the weights load strictly
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.on_load_checkpoint(checkpoint)  # already pruned as stored: nothing to replay
+    assert pruning_history(fresh) == pruning_history(pruned)
+
+
+DDP_SCRIPT = """
+import json, sys
+import pytorch_lightning as pl
+import torch
+sys.path[:0] = [{root!r}, {here!r}]
+from test_pruning import YOLOv3, make_loader
+from lightning_prune.callbacks import StructuredPruning, pruning_history
+
+class Reseed(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        torch.manual_seed(100 + trainer.global_rank)  # "random" scores differ by rank: only the broadcast agrees
+
+class Report(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        live = {{id(p) for p in pl_module.parameters()}}
+        out = {{
+            "wrapped": type(trainer.strategy.model).__name__,
+            "wrapped_is_live": {{id(p) for p in trainer.strategy.model.parameters()}} == live,
+            "optimized_is_live": {{id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}} == live,
+            "steps": len(pruning_history(pl_module)),
+            "weights": [p.detach().flatten().tolist() for p in pl_module.parameters()],
+        }}
+        json.dump(out, open({out!r} + f"/rank{{trainer.global_rank}}.json", "w"))
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    callbacks = [Reseed(), StructuredPruning(importance="random", schedule="linear", epochs=[1, 2]), Report()]
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=2,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir={out!r},
+                         callbacks=callbacks)
+    trainer.fit(YOLOv3("tiny", num_classes=2, img_size=64), make_loader(8, 2))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_prune_identically_and_keep_training(tmp_path):
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(root=str(here.parents[1]), here=str(here), out=str(tmp_path)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["wrapped"] == "DistributedDataParallel" and rank["wrapped_is_live"] and rank["optimized_is_live"]
+        assert rank["steps"] == 2
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # same channels kept, gradients still all-reduced
