@@ -5,32 +5,10 @@ import re
 import pytest
 import torch
 import torch_pruning as tp
+from _nets import ResCatNet
 from torch import nn
 
 from lightning_prune.pruning import PruningHistory, apply_records, group_records, resize_to_state_dict
-
-
-def conv_bn(c_in, c_out):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
-
-
-class ResCatNet(nn.Module):
-    """stem → residual block (add) → concat with a branch → fuse → linear head: every coupling kind matters."""
-
-    def __init__(self, width=8, num_classes=5):
-        super().__init__()
-        self.stem = conv_bn(3, width)
-        self.a = conv_bn(width, width)
-        self.b = conv_bn(width, width)
-        self.c = conv_bn(width, width)
-        self.fuse = conv_bn(2 * width, 2 * width)
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        y = x + self.b(self.a(x))
-        z = self.fuse(torch.cat([y, self.c(y)], dim=1))
-        return self.head(z.mean(dim=(2, 3)))
 
 
 def randomize_bn(model):

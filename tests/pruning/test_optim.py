@@ -1,5 +1,6 @@
 import copy
 
+import _nets
 import pytest
 import torch
 import torch_pruning as tp
@@ -9,25 +10,9 @@ from torch_pruning.pruner.function import BasePruningFunc
 from lightning_prune.pruning import PruningHistory, track_pruning
 
 
-def conv_bn(c_in, c_out):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
-
-
-class ResCatNet(nn.Module):
-    def __init__(self, width=8, num_classes=5):
-        super().__init__()
-        self.stem = conv_bn(3, width)
-        self.a = conv_bn(width, width)
-        self.b = conv_bn(width, width)
-        self.c = conv_bn(width, width)
-        self.fuse = conv_bn(2 * width, 2 * width)
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        y = x + self.b(self.a(x))
-        z = self.fuse(torch.cat([y, self.c(y)], dim=1))
-        return self.head(z.mean(dim=(2, 3)))
+class ResCatNet(_nets.ResCatNet):
+    def __init__(self, width: int = 8, num_classes: int = 5) -> None:
+        super().__init__(width, num_classes, bias=True)  # conv biases: their optimizer state is pruned too
 
 
 def train_step(model, optimizer, seed):
