@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import re
@@ -39,8 +40,18 @@ class StructuredPruning(pl.Callback):
 
     Paper: Fang et al., "DepGraph: Towards Any Structural Pruning" (CVPR 2023), https://arxiv.org/abs/2301.12900
 
+    Instead of a channel ratio, a step can aim at a size: with ``target_macs_ratio`` (or ``target_params_ratio``)
+    the schedule applies to the reduction ``1 - target`` of the *original* model's MACs (or parameters), and rank 0
+    finds each step's channel ratio by bisection on dry runs (pruning deep copies of the module and counting them
+    with :func:`~lightning_prune.report.summary.model_stats`), then prunes the real module with it. The achieved
+    ratio is within ±3% (relative) of each step's target and is logged as ``prune/macs_of_original`` and
+    ``prune/params_of_original`` (``prune/macs_ratio`` and ``prune/params_ratio`` compare a step with the one before).
+
     Args:
-        pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1).
+        pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
+            default 0.5. Cannot be combined with a target.
+        target_macs_ratio: fraction of the original model's MACs left after the last step, in (0, 1).
+        target_params_ratio: fraction of the original model's parameters left after the last step, in (0, 1).
         importance: channel criterion name (see :mod:`lightning_prune.pruning.importance`) or an ``Importance``.
         schedule: ``"one_shot"``, ``"linear"``, ``"cubic"``, ``"geometric"``: cumulative ratio after each step.
         epochs: epochs at whose start a step happens, strictly increasing; default ``[0]`` (one-shot only).
@@ -55,19 +66,31 @@ class StructuredPruning(pl.Callback):
         submodule: dotted name of the submodule to prune; default the whole module.
 
     Raises:
-        ValueError: an argument is out of range or of the wrong type.
+        ValueError: an argument is out of range or of the wrong type, or ``pruning_ratio`` and a target (or both
+            targets) are given.
         MisconfigurationException: at ``setup``, an ``ignored_layers`` pattern matches no module, ``submodule`` names
-            none, or the module has no ``example_input_array``; at a step, the module lacks the restored steps.
+            none, or the module has no ``example_input_array``; at a step, the module lacks the restored steps, or a
+            target cannot be met under ``max_layer_ratio``.
 
     Example:
         >>> callback = StructuredPruning(pruning_ratio=0.3, importance="l1", schedule="cubic", epochs=[1, 3])
         >>> callback.ratios
         [0.2625, 0.3]
+        >>> callback = StructuredPruning(target_macs_ratio=0.5, schedule="linear", epochs=[1, 3])
+        >>> callback.ratios  # cumulative MACs reductions; steps leave 75% then 50% of the original MACs
+        [0.25, 0.5]
     """
+
+    #: relative tolerance of an achieved MACs/params ratio around the step's target
+    tolerance = 0.03
+    #: dry runs of the bisection per step
+    search_iterations = 10
 
     def __init__(
         self,
-        pruning_ratio: float = 0.5,
+        pruning_ratio: float | None = None,
+        target_macs_ratio: float | None = None,
+        target_params_ratio: float | None = None,
         importance: str | Importance = "l2",
         schedule: str = "one_shot",
         epochs: list[int] | None = None,
@@ -88,7 +111,9 @@ class StructuredPruning(pl.Callback):
             a >= b for a, b in itertools.pairwise(epochs)
         ):
             raise ValueError(f"Expected argument `epochs` to be strictly increasing ints >= 0 but got {epochs!r}.")
-        self.ratios = build_schedule(schedule, pruning_ratio, len(epochs))  # checks ratio and schedule
+        self.metric, self.target_ratio = _resolve_target(pruning_ratio, target_macs_ratio, target_params_ratio)
+        reduction = 1.0 - self.target_ratio if self.metric else pruning_ratio
+        self.ratios = build_schedule(schedule, 0.5 if reduction is None else reduction, len(epochs))
         self.importance = resolve_importance(importance)
         if round_to is not None and not (_is_int(round_to) and round_to >= 1):
             raise ValueError(f"Expected argument `round_to` to be None or an int >= 1 but got {round_to!r}.")
@@ -111,6 +136,7 @@ class StructuredPruning(pl.Callback):
         self.lr_scale = lr_scale
         self.submodule = submodule
         self.steps_done = 0
+        self._original: dict[str, float] | None = None  # the unpruned model's stats (targets are relative to them)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -146,11 +172,15 @@ class StructuredPruning(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done}
+        if self.metric is None or self._original is None:
+            return {"steps_done": self.steps_done}
+        return {"steps_done": self.steps_done, "original": dict(self._original)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps_done = int(state_dict.get("steps_done", 0))
+        original = state_dict.get("original")
+        self._original = None if original is None else {k: float(v) for k, v in original.items()}
 
     # ------------------------------------------------------------------ pruning
     def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,16 +188,31 @@ class StructuredPruning(pl.Callback):
         target = self._target(pl_module)
         example = move_data_to_device(self._example_input(pl_module, target), pl_module.device)
         before = model_stats(target, example)
-        ratio = relative_ratios(self.ratios)[self.steps_done]  # of the model as it is now
         history = pruning_history(pl_module)
+        if self.metric is not None and self._original is None:
+            if len(history):
+                raise MisconfigurationException(
+                    f"Expected the callback state to hold the original model's {self.metric} (targets are relative to "
+                    f"them) but the module is already pruned ({len(history)} steps) and the state has none. HINT: "
+                    "resume from a checkpoint written by a run with the same target."
+                )
+            self._original = before
+        ratio = relative_ratios(self.ratios)[self.steps_done]  # of the model as it is now
+        records = error = None
+        if trainer.is_global_zero and self.metric is not None:  # dry runs, outside the tracker of the real pruning
+            try:
+                ratio = self._search_ratio(trainer, pl_module, target, example)
+            except _UnreachableTarget as err:  # every rank raises it, none waits in the broadcast
+                error = str(err)
         with track_pruning(target) as tracker:
-            records = None
-            if trainer.is_global_zero:  # decide once, apply everywhere
+            if trainer.is_global_zero and error is None:  # decide once, apply everywhere
                 records = self._decide_and_prune(trainer, pl_module, target, example, ratio)
             if trainer.world_size > 1:
-                records = trainer.strategy.broadcast(records, src=0)
-                if not trainer.is_global_zero:
+                records, error = trainer.strategy.broadcast((records, error), src=0)
+                if not trainer.is_global_zero and error is None:
                     apply_records(target, records, step=self.steps_done)
+            if error is not None:
+                raise MisconfigurationException(error)
         history.append(records or [])
         set_pruning_root(pl_module, self.submodule)
         for optimizer in trainer.optimizers:
@@ -190,13 +235,19 @@ class StructuredPruning(pl.Callback):
         ratio: float,
     ) -> list[dict[str, Any]]:
         ignored = self._ignored_layers(pl_module, target, example)
-        modes = {m: m.training for m in target.modules()}
+        with _restored(target):
+            if needs_gradients(self.importance) and self.metric is None:  # else the search left its gradients
+                self._calibrate(trainer, pl_module)
+            return self._prune(target, example, ratio, ignored, pruning_history(pl_module)) if ratio > 0 else []
+
+    def _prune(
+        self, target: nn.Module, example: Any, ratio: float, ignored: list[str], history: Any
+    ) -> list[dict[str, Any]]:
+        """Prune ``target`` (the real module or a dry run's copy) by the channel ratio ``ratio``; the records."""
         frozen = [p for p in target.parameters() if not p.requires_grad]
-        widths = _original_widths(target, pruning_history(pl_module))
+        widths = _original_widths(target, history)
         importance = _CappedImportance(self.importance, widths, self.max_layer_ratio)
         try:
-            if needs_gradients(self.importance):
-                self._calibrate(trainer, pl_module)
             for p in frozen:  # the graph skips frozen layers
                 p.requires_grad_(True)
             with torch.enable_grad():
@@ -207,29 +258,70 @@ class StructuredPruning(pl.Callback):
                     global_pruning=self.global_pruning,
                     pruning_ratio=ratio,
                     max_pruning_ratio=self.max_layer_ratio,
-                    ignored_layers=ignored,
+                    ignored_layers=[target.get_submodule(n) for n in ignored],
                     round_to=self.round_to,
                 )
-            for p in frozen:
-                p.requires_grad_(False)
-            if self.global_pruning:  # ask for no more than the capped layers can give, or the threshold hits +inf
-                pruner.per_step_pruning_ratio = [
-                    0.0,
-                    min(ratio, _available_ratio(pruner, widths, self.max_layer_ratio)),
-                ]
-            records: list[dict[str, Any]] = []
-            for group in pruner.step(interactive=True):
-                records.extend(group_records(group, target))
-                group.prune()
-            del pruner  # the graph pins traced activations
         finally:
             for p in frozen:
                 p.requires_grad_(False)
-            for m, training in modes.items():  # building the graph called `eval()`
-                m.train(training)
-            for p in target.parameters():
-                p.grad = None
+        if self.global_pruning:  # ask for no more than the capped layers can give, or the threshold hits +inf
+            pruner.per_step_pruning_ratio = [0.0, min(ratio, _available_ratio(pruner, widths, self.max_layer_ratio))]
+        records: list[dict[str, Any]] = []
+        for group in pruner.step(interactive=True):
+            records.extend(group_records(group, target))
+            group.prune()
+        del pruner  # the graph pins traced activations
         return records
+
+    def _search_ratio(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, example: Any
+    ) -> float:
+        """Bisect the channel ratio whose dry run leaves the step's fraction of the original MACs/params.
+
+        Each dry run prunes a deep copy of ``target`` (with the gradients of a gradient-based criterion, which stay on
+        ``target`` for the real step); ``target`` itself keeps its parameters, modes and ``requires_grad`` flags.
+        """
+        assert self.metric is not None and self._original is not None
+        ignored = self._ignored_layers(pl_module, target, example)
+        history = pruning_history(pl_module)
+        if needs_gradients(self.importance):
+            with _restored(target, keep_grads=True):
+                self._calibrate(trainer, pl_module)
+        goal = 1.0 - self.ratios[self.steps_done]
+        original = max(self._original[self.metric], 1.0)
+
+        def achieved(ratio: float) -> float:
+            if ratio == 0.0:
+                return model_stats(target, example)[self.metric] / original
+            trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
+            with _restored(trial, keep_grads=True):
+                self._prune(trial, example, ratio, ignored, history)
+            return model_stats(trial, example)[self.metric] / original
+
+        def error(value: float) -> float:
+            return abs(value / goal - 1.0)
+
+        if achieved(0.0) <= goal * (1.0 + self.tolerance):
+            return 0.0  # already small enough
+        lo, hi = 0.0, min(self.max_layer_ratio, 0.99)
+        reachable = achieved(hi)
+        if reachable > goal * (1.0 + self.tolerance):
+            name = f"target_{self.metric}_ratio"
+            raise _UnreachableTarget(
+                f"Expected argument `{name}` ({self.target_ratio}) to be reachable but step {self.steps_done + 1} "
+                f"needs {goal:.3f} of the original {self.metric} and pruning every layer up to `max_layer_ratio` "
+                f"({self.max_layer_ratio}) leaves {reachable:.3f}. HINT: raise `max_layer_ratio` or `{name}`."
+            )
+        best = (hi, reachable)
+        for _ in range(self.search_iterations):
+            if error(best[1]) < self.tolerance / 6:
+                break
+            mid = (lo + hi) / 2
+            value = achieved(mid)
+            if error(value) < error(best[1]):
+                best = (mid, value)
+            lo, hi = (mid, hi) if value > goal else (lo, mid)
+        return best[0]
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Accumulate training-loss gradients over a few batches, with logging silenced (Taylor criteria)."""
@@ -267,11 +359,11 @@ class StructuredPruning(pl.Callback):
             )
         return example
 
-    def _ignored_layers(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> list[nn.Module]:
+    def _ignored_layers(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> list[str]:
         names = [n for n, _ in target.named_modules() if any(p.fullmatch(n) for p in self.patterns)]
         adapter = getattr(pl_module, "adapter", None) if target is pl_module else None
         names += adapter.output_layers(target) if adapter is not None else _output_layers(target, example)
-        return [target.get_submodule(n) for n in dict.fromkeys(names)]
+        return list(dict.fromkeys(names))
 
     def _log(self, trainer: pl.Trainer, before: dict[str, float], after: dict[str, float]) -> None:
         if not trainer.is_global_zero:
@@ -282,13 +374,46 @@ class StructuredPruning(pl.Callback):
             "prune/params_ratio": after["params"] / before["params"],
             "prune/macs_ratio": after["macs"] / max(before["macs"], 1.0),
         }
+        goal = ""
+        if self.metric is not None and self._original is not None:
+            for key in ("params", "macs"):  # of the original model, as the target
+                metrics[f"prune/{key}_of_original"] = after[key] / max(self._original[key], 1.0)
+            goal = (
+                f", {self.metric} target {1.0 - self.ratios[self.steps_done - 1]:.2f}, "
+                f"achieved {metrics[f'prune/{self.metric}_of_original']:.2f} of the original"
+            )
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(
             f"StructuredPruning step {self.steps_done}/{len(self.epochs)} at epoch {trainer.current_epoch}: "
             f"params {before['params'] / 1e6:.3f}M → {after['params'] / 1e6:.3f}M, "
-            f"MACs {before['macs'] / 1e9:.4f}G → {after['macs'] / 1e9:.4f}G"
+            f"MACs {before['macs'] / 1e9:.4f}G → {after['macs'] / 1e9:.4f}G{goal}"
         )
+
+
+class _UnreachableTarget(Exception):
+    """Rank 0 found a step's MACs/params target out of reach; raised on every rank as a misconfiguration."""
+
+
+def _resolve_target(
+    pruning_ratio: float | None, macs: float | None, params: float | None
+) -> tuple[str | None, float | None]:
+    """``(metric, target)`` from the mutually exclusive ways to say how much to prune; ``(None, None)`` for channels."""
+    if macs is not None and params is not None:
+        raise ValueError(
+            f"Expected at most one of `target_macs_ratio` and `target_params_ratio` but got {macs!r} and {params!r}."
+        )
+    name, value = ("target_macs_ratio", macs) if macs is not None else ("target_params_ratio", params)
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"Expected argument `{name}` to be a float in (0, 1) but got {value!r}.")
+    if pruning_ratio is not None:
+        raise ValueError(
+            f"Expected argument `pruning_ratio` to be None with `{name}` but got {pruning_ratio!r}. HINT: the target "
+            "replaces the channel ratio; drop `pruning_ratio`."
+        )
+    return name.split("_")[1], float(value)
 
 
 class _CappedImportance:
@@ -355,6 +480,7 @@ def _output_layers(model: nn.Module, example: Any) -> list[str]:
     ]
     modes = {m: m.training for m in model.modules()}
     try:
+        model.eval()  # no BatchNorm statistics updated by this probe, and batch-1 inputs work
         with torch.no_grad():
             outputs = model(*example) if isinstance(example, tuple) else model(example)
     finally:
@@ -384,6 +510,23 @@ def _scale_lr(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scale: floa
     for config in trainer.lr_scheduler_configs:
         if config.scheduler.optimizer is optimizer and hasattr(config.scheduler, "base_lrs"):
             config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
+
+
+@contextmanager
+def _restored(module: nn.Module, keep_grads: bool = False) -> Iterator[None]:
+    """Give back train/eval modes and ``requires_grad`` flags (graph building calls ``eval()`` and unfreezes)."""
+    modes = {m: m.training for m in module.modules()}
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        for m, training in modes.items():
+            m.train(training)
+        if not keep_grads:
+            for p in module.parameters():
+                p.grad = None
 
 
 @contextmanager
