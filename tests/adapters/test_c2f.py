@@ -9,13 +9,7 @@ from torch import nn
 
 from lightning_prune.adapters.c2f import C2fTwoConv, convert_c2f, is_chunked_c2f
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------ an Ultralytics-style network written here

@@ -11,13 +11,7 @@ from lightning_prune.models.yolov8 import YOLOv8, dfl_expectation
 S = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin at every barrier (measured 30× slower): use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

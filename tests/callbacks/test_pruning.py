@@ -31,13 +31,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)  # `Trainer(deterministic=True)` sets it process-wide
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _collate(batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:

@@ -16,14 +16,7 @@ import lightning_prune.callbacks.pruning as pruning_module
 from lightning_prune.callbacks import StructuredPruning, pruning_history
 from lightning_prune.report.summary import model_stats
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def prune_once(

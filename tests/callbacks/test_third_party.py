@@ -19,12 +19,7 @@ from lightning_prune.callbacks import StructuredPruning, pruning_history
 PREDICTION_CONVS = r"model\.head\.(classification|regression)_head\.module_list\.\d+\.1"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class SSDLiteDetector(pl.LightningModule):

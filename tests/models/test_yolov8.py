@@ -19,13 +19,7 @@ from lightning_prune.models.yolov8 import (
 S = 64  # input size of the small tests: grids 8×8, 4×4, 2×2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin at every barrier (measured 30× slower): use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _scene(boxes: list[tuple[int, int, int, int, int]], size: int = S) -> tuple[torch.Tensor, dict]:
