@@ -7,7 +7,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,9 +21,11 @@ from torch import nn
 from torch_pruning.pruner.importance import Importance
 from typing_extensions import override
 
+from lightning_prune.adapters.c2f import is_chunked_c2f
+from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_state, set_pruning_root
 from lightning_prune.pruning.history import apply_records, group_records
-from lightning_prune.pruning.importance import needs_gradients, resolve_importance
+from lightning_prune.pruning.importance import ActivationImportance, needs_calibration, resolve_importance
 from lightning_prune.pruning.optim import track_pruning
 from lightning_prune.pruning.schedules import build_schedule, relative_ratios
 from lightning_prune.report.summary import model_stats
@@ -59,9 +61,14 @@ class StructuredPruning(pl.Callback):
         round_to: keep channel counts multiples of this.
         max_layer_ratio: no layer loses more than this fraction of its original channels, in (0, 1] (with
             ``global_pruning``; with local pruning every layer loses the schedule's ratio).
+        layer_ratios: per-layer channel ratios, ``{regex: ratio}``: the layers whose qualified names fully match a
+            regex (or, for a container, the layers inside it) lose that fraction of their original channels after the
+            last step, on the same schedule, ranked among themselves; the first matching regex wins. Other layers
+            follow ``pruning_ratio`` (or the target). Ratios in (0, 1).
         ignored_layers: regexes fully matching qualified module names (of the pruned module) never pruned; added to
             the module's adapter output layers, or else the convs/linears that directly produce its outputs.
-        calibration_batches: training batches whose loss gradients feed gradient-based criteria (``"taylor"``).
+        calibration_batches: training batches that data-dependent criteria (``"taylor"``, ``"hessian"``,
+            ``"activation"``, ``"apoz"``) read; every rank reads its own and the statistics are averaged.
         lr_scale: multiply every learning rate by this after each step (e.g. 0.1 to finetune).
         submodule: dotted name of the submodule to prune; default the whole module.
 
@@ -69,7 +76,9 @@ class StructuredPruning(pl.Callback):
         ValueError: an argument is out of range or of the wrong type, or ``pruning_ratio`` and a target (or both
             targets) are given.
         MisconfigurationException: at ``setup``, an ``ignored_layers`` pattern matches no module, ``submodule`` names
-            none, or the module has no ``example_input_array``; at a step, the module lacks the restored steps, or a
+            none, the module has no ``example_input_array`` or cannot be traced (the error names the module that
+            failed); at ``fit`` start, the strategy shards the model or an optimizer's state cannot follow pruned
+            parameters; at a step, the module lacks the restored steps, or a
             target cannot be met under ``max_layer_ratio``.
 
     Example:
@@ -97,6 +106,7 @@ class StructuredPruning(pl.Callback):
         global_pruning: bool = True,
         round_to: int | None = None,
         max_layer_ratio: float = 0.95,
+        layer_ratios: dict[str, float] | None = None,
         ignored_layers: list[str] | None = None,
         calibration_batches: int = 8,
         lr_scale: float | None = None,
@@ -114,6 +124,7 @@ class StructuredPruning(pl.Callback):
         self.metric, self.target_ratio = _resolve_target(pruning_ratio, target_macs_ratio, target_params_ratio)
         reduction = 1.0 - self.target_ratio if self.metric else pruning_ratio
         self.ratios = build_schedule(schedule, 0.5 if reduction is None else reduction, len(epochs))
+        self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
         self.importance = resolve_importance(importance)
         if round_to is not None and not (_is_int(round_to) and round_to >= 1):
             raise ValueError(f"Expected argument `round_to` to be None or an int >= 1 but got {round_to!r}.")
@@ -136,6 +147,8 @@ class StructuredPruning(pl.Callback):
         self.lr_scale = lr_scale
         self.submodule = submodule
         self.steps_done = 0
+        #: per step, ``{layer name: (output channels before, after)}`` of the layers the step narrowed
+        self.layer_widths: list[dict[str, tuple[int, int]]] = []
         self._original: dict[str, float] | None = None  # the unpruned model's stats (targets are relative to them)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -144,12 +157,28 @@ class StructuredPruning(pl.Callback):
         target = self._target(pl_module)
         self._example_input(pl_module, target)
         names = [name for name, _ in target.named_modules()]
-        for pattern in self.patterns:
-            if not any(pattern.fullmatch(n) for n in names):
-                raise MisconfigurationException(
-                    f"Expected every pattern of `ignored_layers` to match a module name but {pattern.pattern!r} "
-                    f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
-                )
+        for argument, patterns in (("ignored_layers", self.patterns), ("layer_ratios", list(self.layer_ratios))):
+            for pattern in patterns:
+                if not any(pattern.fullmatch(n) for n in names):
+                    raise MisconfigurationException(
+                        f"Expected every pattern of `{argument}` to match a module name but {pattern.pattern!r} "
+                        f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
+                    )
+        if stage == "fit" and self.steps_done < len(self.epochs):
+            _check_traceable(target, self._example_input(pl_module, target))
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.steps_done >= len(self.epochs):
+            return
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy) and type(strategy).__name__ not in _SINGLE_DEVICE:
+            raise MisconfigurationException(
+                f"Expected a single-device or DDP strategy to prune (every rank holds the whole model) but got "
+                f"{type(strategy).__name__}. HINT: use `strategy='ddp'`; sharded models cannot change shape."
+            )
+        for i, optimizer in enumerate(trainer.optimizers):
+            _check_optimizer(i, optimizer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,6 +227,10 @@ class StructuredPruning(pl.Callback):
                 )
             self._original = before
         ratio = relative_ratios(self.ratios)[self.steps_done]  # of the model as it is now
+        widths = _widths(target)
+        calibrated = needs_calibration(self.importance) and (self.metric is not None or ratio > 0 or self.layer_ratios)
+        if calibrated:  # every rank, on its own batches; the statistics are averaged across ranks
+            self._calibrate(trainer, pl_module, target)
         records = error = None
         if trainer.is_global_zero and self.metric is not None:  # dry runs, outside the tracker of the real pruning
             try:
@@ -215,6 +248,8 @@ class StructuredPruning(pl.Callback):
                 raise MisconfigurationException(error)
         history.append(records or [])
         set_pruning_root(pl_module, self.submodule)
+        if calibrated:
+            target.zero_grad(set_to_none=True)
         for optimizer in trainer.optimizers:
             tracker.patch(optimizer)
             if self.lr_scale is not None:
@@ -224,7 +259,7 @@ class StructuredPruning(pl.Callback):
             trainer.strategy.configure_ddp()
         self.steps_done += 1
         after = model_stats(target, example)
-        self._log(trainer, before, after)
+        self._log(trainer, before, after, widths, _widths(target))
 
     def _decide_and_prune(
         self,
@@ -235,35 +270,31 @@ class StructuredPruning(pl.Callback):
         ratio: float,
     ) -> list[dict[str, Any]]:
         ignored = self._ignored_layers(pl_module, target, example)
-        with _restored(target):
-            if needs_gradients(self.importance) and self.metric is None:  # else the search left its gradients
-                self._calibrate(trainer, pl_module)
-            return self._prune(target, example, ratio, ignored, pruning_history(pl_module)) if ratio > 0 else []
+        if ratio <= 0 and not self.layer_ratios:
+            return []
+        with _restored(target, keep_grads=True):
+            return self._prune(target, example, ratio, ignored, pruning_history(pl_module))
 
     def _prune(
         self, target: nn.Module, example: Any, ratio: float, ignored: list[str], history: Any
     ) -> list[dict[str, Any]]:
         """Prune ``target`` (the real module or a dry run's copy) by the channel ratio ``ratio``; the records."""
-        frozen = [p for p in target.parameters() if not p.requires_grad]
         widths = _original_widths(target, history)
+        if isinstance(self.importance, ActivationImportance):
+            self.importance.bind(target)  # its statistics are by layer name: `target` may be a dry run's copy
         importance = _CappedImportance(self.importance, widths, self.max_layer_ratio)
-        try:
-            for p in frozen:  # the graph skips frozen layers
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                pruner = tp.pruner.BasePruner(
-                    target,
-                    example,
-                    importance,
-                    global_pruning=self.global_pruning,
-                    pruning_ratio=ratio,
-                    max_pruning_ratio=self.max_layer_ratio,
-                    ignored_layers=[target.get_submodule(n) for n in ignored],
-                    round_to=self.round_to,
-                )
-        finally:
-            for p in frozen:
-                p.requires_grad_(False)
+        with _traceable(target):
+            pruner = tp.pruner.BasePruner(
+                target,
+                example,
+                importance,
+                global_pruning=self.global_pruning,
+                pruning_ratio=ratio,
+                pruning_ratio_dict=self._layer_ratio_dict(target, ignored),
+                max_pruning_ratio=self.max_layer_ratio,
+                ignored_layers=[target.get_submodule(n) for n in ignored],
+                round_to=self.round_to,
+            )
         if self.global_pruning:  # ask for no more than the capped layers can give, or the threshold hits +inf
             pruner.per_step_pruning_ratio = [0.0, min(ratio, _available_ratio(pruner, widths, self.max_layer_ratio))]
         records: list[dict[str, Any]] = []
@@ -278,20 +309,17 @@ class StructuredPruning(pl.Callback):
     ) -> float:
         """Bisect the channel ratio whose dry run leaves the step's fraction of the original MACs/params.
 
-        Each dry run prunes a deep copy of ``target`` (with the gradients of a gradient-based criterion, which stay on
-        ``target`` for the real step); ``target`` itself keeps its parameters, modes and ``requires_grad`` flags.
+        Each dry run prunes a deep copy of ``target`` (with the gradients or statistics of a data-dependent criterion,
+        which stay for the real step); ``target`` itself keeps its parameters, modes and ``requires_grad`` flags.
         """
         assert self.metric is not None and self._original is not None
         ignored = self._ignored_layers(pl_module, target, example)
         history = pruning_history(pl_module)
-        if needs_gradients(self.importance):
-            with _restored(target, keep_grads=True):
-                self._calibrate(trainer, pl_module)
         goal = 1.0 - self.ratios[self.steps_done]
         original = max(self._original[self.metric], 1.0)
 
         def achieved(ratio: float) -> float:
-            if ratio == 0.0:
+            if ratio == 0.0 and not self.layer_ratios:
                 return model_stats(target, example)[self.metric] / original
             trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
             with _restored(trial, keep_grads=True):
@@ -323,19 +351,48 @@ class StructuredPruning(pl.Callback):
             lo, hi = (mid, hi) if value > goal else (lo, mid)
         return best[0]
 
-    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Accumulate training-loss gradients over a few batches, with logging silenced (Taylor criteria)."""
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module) -> None:
+        """Run ``calibration_batches`` training steps for a data-dependent criterion, logging silenced, on every rank.
+
+        The steps run under the trainer's precision context; BatchNorm statistics are restored afterwards, and under
+        DDP the gathered statistics are averaged across ranks (with SyncBatchNorm every rank must run the forwards).
+        """
         loader = trainer.train_dataloader
         if loader is None:
-            raise MisconfigurationException("Expected a training dataloader to calibrate the gradient-based criterion.")
-        pl_module.zero_grad(set_to_none=True)
-        with _silenced(pl_module), torch.enable_grad():
+            raise MisconfigurationException(
+                f"Expected a training dataloader to calibrate the data-dependent criterion "
+                f"{type(self.importance).__name__}."
+            )
+        precision = getattr(trainer, "precision_plugin", None)
+        with _silenced(pl_module), torch.enable_grad(), Calibration(self.importance, target) as calibration:
             for i, batch in enumerate(loader):
                 if i >= self.calibration_batches:
                     break
-                out = pl_module.training_step(trainer.strategy.batch_to_device(batch), i)
-                loss = out["loss"] if isinstance(out, dict) else out
-                loss.backward()
+                with precision.train_step_context() if precision is not None else nullcontext():
+                    out = pl_module.training_step(trainer.strategy.batch_to_device(batch), i)
+                calibration.step(out["loss"] if isinstance(out, dict) else out)
+        tensors = calibration.tensors()
+        if trainer.world_size > 1 and tensors:
+            flat = trainer.strategy.reduce(torch.cat([t.detach().flatten().float() for t in tensors]), reduce_op="mean")
+            offset = 0
+            with torch.no_grad():
+                for t in tensors:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+    def _layer_ratio_dict(self, target: nn.Module, ignored: list[str]) -> dict[nn.Module, float]:
+        """This step's ratio of each module named in ``layer_ratios`` (first matching regex), relative to now."""
+        ratios: dict[nn.Module, float] = {}
+        skip = set(ignored)
+        for name, module in target.named_modules():
+            if name in skip:
+                continue
+            for pattern, steps in self.layer_ratios.items():
+                if pattern.fullmatch(name):
+                    if steps[self.steps_done] > 0:
+                        ratios[module] = steps[self.steps_done]
+                    break
+        return ratios
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.submodule is None:
@@ -365,7 +422,16 @@ class StructuredPruning(pl.Callback):
         names += adapter.output_layers(target) if adapter is not None else _output_layers(target, example)
         return list(dict.fromkeys(names))
 
-    def _log(self, trainer: pl.Trainer, before: dict[str, float], after: dict[str, float]) -> None:
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        before: dict[str, float],
+        after: dict[str, float],
+        widths_before: dict[str, int],
+        widths_after: dict[str, int],
+    ) -> None:
+        changed = {n: (w, widths_after[n]) for n, w in widths_before.items() if widths_after.get(n, w) != w}
+        self.layer_widths.append(changed)
         if not trainer.is_global_zero:
             return
         metrics = {
@@ -387,7 +453,8 @@ class StructuredPruning(pl.Callback):
         rank_zero_info(
             f"StructuredPruning step {self.steps_done}/{len(self.epochs)} at epoch {trainer.current_epoch}: "
             f"params {before['params'] / 1e6:.3f}M → {after['params'] / 1e6:.3f}M, "
-            f"MACs {before['macs'] / 1e9:.4f}G → {after['macs'] / 1e9:.4f}G{goal}"
+            f"MACs {before['macs'] / 1e9:.4f}G → {after['macs'] / 1e9:.4f}G{goal}; output channels of "
+            f"{len(changed)} layers:\n" + "\n".join(f"  {n}: {a} → {b}" for n, (a, b) in changed.items())
         )
 
 
@@ -434,6 +501,108 @@ class _CappedImportance:
         imp = imp.clone()
         imp[torch.topk(imp, keep).indices] = float("inf")
         return imp
+
+
+_SINGLE_DEVICE = ("SingleDeviceStrategy", "SingleDeviceXLAStrategy")
+
+
+def _layer_schedules(layer_ratios: Any, schedule: Any, steps: int) -> dict[re.Pattern[str], list[float]]:
+    """``{compiled regex: relative ratio per step}`` from ``layer_ratios`` ``{regex: final ratio of the original}``."""
+    if layer_ratios is None:
+        return {}
+    if not isinstance(layer_ratios, dict):
+        raise ValueError(
+            f"Expected argument `layer_ratios` to be a dict of regex -> ratio in (0, 1) but got {layer_ratios!r}."
+        )
+    schedules = {}
+    for pattern, ratio in layer_ratios.items():
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+            raise ValueError(
+                f"Expected argument `layer_ratios` to map each regex to a ratio in (0, 1) but got {pattern!r}: "
+                f"{ratio!r}."
+            )
+        schedules[_compile(pattern, "layer_ratios")] = relative_ratios(build_schedule(schedule, float(ratio), steps))
+    return schedules
+
+
+@contextmanager
+def _traceable(target: nn.Module) -> Iterator[None]:
+    """Grad mode on and frozen parameters unfrozen while torch-pruning traces ``target`` (it skips frozen layers)."""
+    frozen = [p for p in target.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _check_traceable(target: nn.Module, example: Any) -> None:
+    """Build torch-pruning's dependency graph once; on failure, name the innermost module whose forward failed."""
+    for name, module in target.named_modules():
+        if is_chunked_c2f(module):
+            raise MisconfigurationException(
+                f"Expected a model torch-pruning can trace but `{name}` ({type(module).__name__}) splits a conv's "
+                "output with chunk/split, which torch-pruning 1.6 cannot follow. HINT: convert it first with "
+                "`lightning_prune.adapters.convert_c2f(model)` (outputs unchanged)."
+            )
+    entered: list[str] = []
+
+    def push(name: str) -> Any:
+        return lambda *_: entered.append(name)
+
+    def pop(*_: Any) -> None:
+        entered.pop()
+
+    hooks = [
+        h
+        for n, m in target.named_modules()
+        for h in (m.register_forward_pre_hook(push(n)), m.register_forward_hook(pop))
+    ]
+    try:
+        with _restored(target), _traceable(target):
+            tp.DependencyGraph().build_dependency(target, example_inputs=example)
+    except Exception as err:
+        where = (
+            f"in module `{entered[-1]}` ({type(target.get_submodule(entered[-1])).__name__})"
+            if entered
+            else ("after the forward pass, while building the graph")
+        )
+        raise MisconfigurationException(
+            f"Expected torch-pruning to trace {type(target).__name__} on its example input but it failed {where}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _check_optimizer(index: int, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse optimizers whose state cannot follow pruned parameters (per-parameter state is index-selected)."""
+    name = type(optimizer).__name__
+    inner = getattr(optimizer, "optimizer", None)  # Lightning's wrapper
+    if isinstance(inner, torch.optim.Optimizer):
+        name = type(inner).__name__
+        optimizer = inner
+    if isinstance(optimizer, torch.optim.LBFGS) or name == "ZeroRedundancyOptimizer":
+        raise MisconfigurationException(
+            f"Expected every optimizer to keep per-parameter state that can follow pruned channels but optimizer "
+            f"{index} is {name}, whose state is {'one flat history' if name == 'LBFGS' else 'sharded across ranks'}. "
+            "HINT: use SGD, Adam(W) or another per-parameter optimizer while pruning."
+        )
+
+
+def _widths(target: nn.Module) -> dict[str, int]:
+    """Output channels of every conv / linear of ``target``."""
+    widths = {}
+    for name, m in target.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+    return widths
 
 
 def _keep(original: int, current: int, max_ratio: float) -> int:
@@ -539,15 +708,13 @@ def _silenced(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log, pl_module.log_dict
 
 
-def _compile(pattern: Any) -> re.Pattern[str]:
+def _compile(pattern: Any, argument: str = "ignored_layers") -> re.Pattern[str]:
     if not isinstance(pattern, str):
-        raise ValueError(f"Expected argument `ignored_layers` to be a list of regex strings but got {pattern!r}.")
+        raise ValueError(f"Expected argument `{argument}` to hold regex strings but got {pattern!r}.")
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise ValueError(
-            f"Expected argument `ignored_layers` to hold valid regexes but got {pattern!r}: {err}."
-        ) from None
+        raise ValueError(f"Expected argument `{argument}` to hold valid regexes but got {pattern!r}: {err}.") from None
 
 
 def _is_int(x: Any) -> bool:

@@ -187,7 +187,8 @@ def test_resume_between_steps_and_reload_in_a_fresh_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- pruning semantics
-def fake_trainer(epoch: int = 0) -> Any:
+def fake_trainer(epoch: int = 0, loader: DataLoader | None = None) -> Any:
+    """What a pruning step reads from its Trainer, for a single process; ``loader`` feeds calibration."""
     return SimpleNamespace(
         sanity_checking=False,
         current_epoch=epoch,
@@ -196,9 +197,9 @@ def fake_trainer(epoch: int = 0) -> Any:
         world_size=1,
         optimizers=[],
         lr_scheduler_configs=[],
-        strategy=object(),
+        strategy=SimpleNamespace(batch_to_device=lambda batch: batch),
         logger=None,
-        train_dataloader=None,
+        train_dataloader=loader,
     )
 
 
@@ -237,6 +238,29 @@ def test_ignored_layers_and_submodule():
     assert pruning_history(host).steps[0][0]["module"] in {"0", "1", "3"}  # names relative to the submodule
 
 
+def test_layer_ratios_prune_named_layers_by_their_own_ratio_on_the_schedule():
+    model = FAMILIES["yolov3"]()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    widths = {n: m.out_channels for n, m in convs.items()}
+    named = sorted((n for n in widths if n.startswith("backbone.")), key=widths.get)[-2:]  # the widest
+    pattern = "|".join(n.replace(".", r"\.") for n in named)
+    callback = StructuredPruning(
+        pruning_ratio=0.2, layer_ratios={pattern: 0.75}, schedule="linear", epochs=[0, 1], global_pruning=False
+    )
+    callback.on_train_epoch_start(fake_trainer(epoch=0), model)
+    half = {n: convs[n].out_channels for n in named}
+    callback.on_train_epoch_start(fake_trainer(epoch=1), model)
+    for n in named:  # 0.75 of the original in two linear steps: 0.375 then 0.75
+        assert half[n] == int(widths[n] * (1 - 0.375)), n
+        assert abs(convs[n].out_channels - widths[n] * 0.25) <= 1, n
+    others = [n for n in widths if n not in named and n not in model.adapter.output_layers(model)]
+    kept = [convs[n].out_channels > widths[n] * 0.7 for n in others]  # the rest lose about 0.2 (but those coupled)
+    assert sum(kept) >= 0.8 * len(kept)
+    for n in named:  # what the step log reports
+        assert callback.layer_widths[0][n] == (widths[n], half[n])
+        assert callback.layer_widths[1][n] == (half[n], convs[n].out_channels)
+
+
 def test_resume_with_a_module_missing_its_history_errors():
     model = YOLOv3("tiny", num_classes=2, img_size=64)
     callback = StructuredPruning(schedule="linear", epochs=[1, 2])
@@ -262,6 +286,13 @@ def test_resume_with_a_module_missing_its_history_errors():
         ({"calibration_batches": 0}, r"Expected argument `calibration_batches` to be an int >= 1 but got 0."),
         ({"lr_scale": -1.0}, r"Expected argument `lr_scale` to be None or a float > 0 but got -1.0."),
         ({"ignored_layers": ["head("]}, r"Expected argument `ignored_layers` to hold valid regexes but got 'head\('"),
+        ({"layer_ratios": [0.5]}, r"Expected argument `layer_ratios` to be a dict of regex -> ratio in \(0, 1\)"),
+        (
+            {"layer_ratios": {"neck": 1.0}},
+            r"Expected argument `layer_ratios` to map each regex to a ratio in \(0, 1\) "
+            r"but got 'neck': 1.0.",
+        ),
+        ({"layer_ratios": {"neck(": 0.5}}, r"Expected argument `layer_ratios` to hold valid regexes but got 'neck\('"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -282,9 +313,86 @@ def test_setup_errors():
         StructuredPruning(ignored_layers=["head", "neck.nothing"]).setup(None, model, "fit")
     with pytest.raises(MisconfigurationException, match=r"Expected argument `submodule` to name a submodule of"):
         StructuredPruning(submodule="tail").setup(None, model, "fit")
+    with pytest.raises(MisconfigurationException, match=r"`layer_ratios` .* 'backbone.nothing' matches none"):
+        StructuredPruning(layer_ratios={"backbone.nothing": 0.5}).setup(None, model, "fit")
     model.example_input_array = None
     with pytest.raises(MisconfigurationException, match=r"Expected `YOLOv3.example_input_array` to be set"):
         StructuredPruning().setup(None, model, "fit")
+
+
+class Untraceable(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3), Reshaper())
+        self.example_input_array = torch.zeros(1, 3, 16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.stem(x))
+
+
+class Reshaper(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], 5, -1)  # 8 channels cannot split into 5: fails at trace time
+
+
+def test_a_model_that_cannot_be_traced_is_named_at_setup():
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"Expected torch-pruning to trace Untraceable on its example input but it failed in module `body.1` "
+        r"\(Reshaper\): RuntimeError",
+    ):
+        StructuredPruning().setup(None, Untraceable(), "fit")
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c1, c2, 1, bias=False), nn.BatchNorm2d(c2)
+
+
+class ChunkC2f(nn.Module):
+    """The Ultralytics C2f layout: one conv whose output is chunked in two."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1, self.cv2, self.m = ConvBN(c, c), ConvBN(3 * c // 2, c), nn.ModuleList([ConvBN(c // 2, c // 2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(self.m[0](y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_a_chunked_c2f_is_refused_with_the_converter_named():
+    host = pl.LightningModule()
+    host.block = ChunkC2f(8)
+    host.example_input_array = torch.zeros(1, 8, 16, 16)
+    with pytest.raises(MisconfigurationException, match=r"`block` \(ChunkC2f\) splits .*convert_c2f"):
+        StructuredPruning().setup(None, host, "fit")
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "match"),
+    [
+        (lambda ps: torch.optim.LBFGS(ps), r"optimizer 0 is LBFGS, whose state is one flat history"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), None),
+    ],
+)
+def test_optimizers_that_cannot_follow_pruning_are_refused_at_fit_start(optimizer, match):
+    model = FAMILIES["yolov3"]()
+    trainer = SimpleNamespace(strategy=pl.strategies.SingleDeviceStrategy(), optimizers=[optimizer(model.parameters())])
+    if match is None:
+        StructuredPruning().on_fit_start(trainer, model)
+        return
+    with pytest.raises(MisconfigurationException, match=match):
+        StructuredPruning().on_fit_start(trainer, model)
+
+
+def test_a_sharding_strategy_is_refused_at_fit_start():
+    trainer = SimpleNamespace(strategy=pl.strategies.FSDPStrategy(), optimizers=[])
+    with pytest.raises(MisconfigurationException, match=r"Expected a single-device or DDP strategy .* FSDPStrategy"):
+        StructuredPruning().on_fit_start(trainer, FAMILIES["yolov3"]())
 
 
 def test_restore_refuses_a_differently_pruned_module():
