@@ -41,8 +41,18 @@ def test_every_recipe_instantiates(recipe: Path, tmp_path: Path) -> None:
     """Model, data module and trainer build from each recipe (on CPU, full precision)."""
     cli = LightningPruneCLI(
         args=expand_configs(
-            ["--config", str(recipe), "--data.root", str(tmp_path), "--trainer.accelerator", "cpu",
-             "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path)]
+            [
+                "--config",
+                str(recipe),
+                "--data.root",
+                str(tmp_path),
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.precision",
+                "32-true",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ]
         ),
         run=False,
     )
@@ -54,10 +64,29 @@ def test_every_recipe_instantiates(recipe: Path, tmp_path: Path) -> None:
 def test_shapes_recipe_fast_dev_run(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`fit` runs end to end on freshly generated built-in data and prints the summary."""
     main(
-        ["fit", "--config", str(recipe), "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu",
-         "--trainer.default_root_dir", str(tmp_path), "--data.root", str(tmp_path / "cache"),
-         "--data.num_train", "8", "--data.num_val", "4", "--data.batch_size", "4", "--data.num_workers", "0",
-         "--data.img_size", "128"]
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.fast_dev_run",
+            "true",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--data.root",
+            str(tmp_path / "cache"),
+            "--data.num_train",
+            "8",
+            "--data.num_val",
+            "4",
+            "--data.batch_size",
+            "4",
+            "--data.num_workers",
+            "0",
+            "--data.img_size",
+            "128",
+        ]
     )
     out = capsys.readouterr().out
     assert "[lightning-prune] fit done:" in out
@@ -67,8 +96,17 @@ def test_shapes_recipe_fast_dev_run(recipe: Path, tmp_path: Path, capsys: pytest
 
 def test_unknown_model_class_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(ROOT / "recipes/shapes/yolov3-tiny.yaml"),
-              "--model.class_path", "lightning_prune.models.YOLOv9", "--data.root", str(tmp_path)])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "recipes/shapes/yolov3-tiny.yaml"),
+                "--model.class_path",
+                "lightning_prune.models.YOLOv9",
+                "--data.root",
+                str(tmp_path),
+            ]
+        )
     assert exit_info.value.code != 0
     assert "YOLOv9" in capsys.readouterr().err
 
@@ -83,10 +121,25 @@ def test_unknown_data_format_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_num_classes_mismatch_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"Expected argument `num_classes` to match the data \(4 classes\) but got 7"):
         main(
-            ["fit", "--config", str(ROOT / "recipes/shapes/yolov3-tiny.yaml"), "--model.init_args.num_classes", "7",
-             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
-             "--data.root", str(tmp_path / "cache"), "--data.num_train", "4", "--data.num_val", "2",
-             "--data.num_workers", "0"]
+            [
+                "fit",
+                "--config",
+                str(ROOT / "recipes/shapes/yolov3-tiny.yaml"),
+                "--model.init_args.num_classes",
+                "7",
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+                "--data.root",
+                str(tmp_path / "cache"),
+                "--data.num_train",
+                "4",
+                "--data.num_val",
+                "2",
+                "--data.num_workers",
+                "0",
+            ]
         )
     assert not list(tmp_path.rglob("*.ckpt"))
 

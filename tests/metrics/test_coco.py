@@ -39,18 +39,35 @@ def random_scene(rng: np.random.Generator, num_images: int, num_classes: int) ->
             x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
             cat = int(rng.integers(1, num_classes + 1))
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
-                 "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0}
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
             )
             if rng.random() < 0.85:  # detected, with box noise
                 jitter = rng.normal(0, 0.08, 4) * [bw, bh, bw, bh]
-                detections.append({"image_id": image_id, "category_id": cat, "score": float(rng.uniform(0.2, 1)),
-                                   "bbox": [float(v) for v in np.array([x, y, bw, bh]) + jitter]})
+                detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "score": float(rng.uniform(0.2, 1)),
+                        "bbox": [float(v) for v in np.array([x, y, bw, bh]) + jitter],
+                    }
+                )
         for _ in range(int(rng.integers(0, 3))):  # false positives
             bw, bh = rng.uniform(8, w / 3), rng.uniform(8, h / 3)
-            detections.append({"image_id": image_id, "category_id": int(rng.integers(1, num_classes + 1)),
-                               "score": float(rng.uniform(0, 0.6)),
-                               "bbox": [float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh)), bw, bh]})
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(rng.integers(1, num_classes + 1)),
+                    "score": float(rng.uniform(0, 0.6)),
+                    "bbox": [float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh)), bw, bh],
+                }
+            )
     for det in detections:  # keep boxes valid after jitter
         det["bbox"][2], det["bbox"][3] = max(det["bbox"][2], 1.0), max(det["bbox"][3], 1.0)
     categories = [{"id": c, "name": f"c{c}"} for c in range(1, num_classes + 1)]
@@ -74,11 +91,19 @@ def test_map_equals_cocoeval(tmp_path: Path, seed: int) -> None:
         anns = [a for a in gt["annotations"] if a["image_id"] == image["id"]]
         dets = [d for d in detections if d["image_id"] == image["id"]]
         metric.update(
-            [{"boxes": xywh_to_xyxy([d["bbox"] for d in dets]).float(),
-              "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float32),
-              "labels": torch.tensor([d["category_id"] for d in dets], dtype=torch.long)}],
-            [{"boxes": xywh_to_xyxy([a["bbox"] for a in anns]).float(),
-              "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.long)}],
+            [
+                {
+                    "boxes": xywh_to_xyxy([d["bbox"] for d in dets]).float(),
+                    "scores": torch.tensor([d["score"] for d in dets], dtype=torch.float32),
+                    "labels": torch.tensor([d["category_id"] for d in dets], dtype=torch.long),
+                }
+            ],
+            [
+                {
+                    "boxes": xywh_to_xyxy([a["bbox"] for a in anns]).float(),
+                    "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.long),
+                }
+            ],
         )
     result = metric.compute()
     assert expected[0] > 0.2  # a non-trivial scene: equality below is not 0 == 0

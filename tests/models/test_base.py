@@ -46,22 +46,31 @@ class NoisyOracle(YOLOv3):
             noisy = boxes + torch.randn(boxes.shape, generator=g) * 0.07 * wh
             fp = torch.rand(2, 2, generator=g) * self.img_size / 2
             fp = torch.cat([fp, fp + 20 + torch.rand(2, 2, generator=g) * 40], dim=1)  # two false positives
-            out.append({
-                "boxes": torch.cat([noisy[keep], fp]),
-                "scores": torch.cat([torch.rand(int(keep.sum()), generator=g) * 0.5 + 0.5,
-                                     torch.rand(2, generator=g) * 0.7]),
-                "labels": torch.cat([labels[keep], torch.randint(self.num_classes, (2,), generator=g)]),
-            })
+            out.append(
+                {
+                    "boxes": torch.cat([noisy[keep], fp]),
+                    "scores": torch.cat(
+                        [torch.rand(int(keep.sum()), generator=g) * 0.5 + 0.5, torch.rand(2, generator=g) * 0.7]
+                    ),
+                    "labels": torch.cat([labels[keep], torch.randint(self.num_classes, (2,), generator=g)]),
+                }
+            )
         return out
 
 
 def test_logged_map_equals_cocoeval(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    dm = DetectionDataModule(root=str(tmp_path / "data"), num_train=4, num_val=12, img_size=96, batch_size=4,
-                             num_workers=0)
+    dm = DetectionDataModule(
+        root=str(tmp_path / "data"), num_train=4, num_val=12, img_size=96, batch_size=4, num_workers=0
+    )
     model = NoisyOracle(scale="tiny", num_classes=dm.num_classes, img_size=96)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     logged = trainer.validate(model, datamodule=dm, verbose=False)[0]
     predictions = trainer.predict(model, dataloaders=dm.val_dataloader())
 
@@ -70,8 +79,14 @@ def test_logged_map_equals_cocoeval(tmp_path: Path) -> None:
     for batch_preds, (_, targets) in zip(predictions, dm.val_dataloader()):
         for pred, target in zip(batch_preds, targets):
             for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
-                detections.append({"image_id": int(target["image_id"]), "category_id": coco_ids[label],
-                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})
+                detections.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": coco_ids[label],
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                        "score": score,
+                    }
+                )
     gt_file = next((tmp_path / "data").rglob("instances_val.json"))
     json.dump(detections, (tmp_path / "detections.json").open("w"))
     with contextlib.redirect_stdout(io.StringIO()):
