@@ -3,9 +3,15 @@
 Lightning restores the module's weights (``LightningModule.on_load_checkpoint``, then a strict ``load_state_dict``)
 *before* any callback state, and ``LightningModule.load_from_checkpoint`` involves no callback at all. So the layers
 must be resized by the module itself: :class:`PrunableMixin` replays the
-:class:`~lightning_prune.pruning.PruningHistory`
-stored in ``checkpoint["lightning_prune"]`` on the freshly built module in ``on_load_checkpoint``. The history is
-plain data, so checkpoints load with ``torch.load(weights_only=True)``.
+:class:`~lightning_prune.pruning.PruningHistory` on the freshly built module before its weights load, from two places:
+
+- ``checkpoint["lightning_prune"]``, in ``on_load_checkpoint`` (``fit(ckpt_path=...)``, ``load_from_checkpoint``);
+- the module's own ``state_dict()``, which carries the history as the root's ``_extra_state`` (JSON bytes in a uint8
+  tensor, so that code treating every state-dict value as a tensor keeps working): it is loaded before any child's
+  weights, so a bare ``model.load_state_dict(torch.load(path))`` works too, and so does the weights-only
+  file that ``ddp_spawn`` hands back to the main process at the end of ``fit``.
+
+The history is plain data, so checkpoints load with ``torch.load(weights_only=True)``.
 
 Our reference detectors (:class:`~lightning_prune.models.DetectorModule`) already include the mixin; for your
 own module it is the one line to add: ``class MyDetector(PrunableMixin, pl.LightningModule)``.
@@ -20,13 +26,18 @@ Example:
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_prune.pruning.history import PruningHistory
 
 CHECKPOINT_KEY = "lightning_prune"
+_EXTRA_STATE_KEY = "_extra_state"  # torch's key for `get_extra_state()` in a state dict
 _HISTORY_ATTR = "_lightning_prune_history"
 _ROOT_ATTR = "_lightning_prune_submodule"
 
@@ -92,7 +103,35 @@ class PrunableMixin:
     Put it first among the bases: ``class MyDetector(PrunableMixin, MyLightningModule)``. Then
     ``trainer.fit(model, ckpt_path=...)`` resumes a pruned run and ``MyDetector.load_from_checkpoint(path)`` builds
     the pruned architecture in a fresh process.
+
+    The module's ``state_dict()`` gains one entry, ``_extra_state`` (the history as plain data), replayed before the
+    layers' weights load; a state dict without it (saved before the mixin was added) still loads.
     """
+
+    def get_extra_state(self) -> torch.Tensor:
+        assert isinstance(self, nn.Module)
+        state = {"history": pruning_history(self).to_state(), "submodule": pruning_root(self)}
+        return torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        assert isinstance(self, nn.Module)
+        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+            raise ValueError(
+                f"Expected `_extra_state` of {type(self).__name__} to be the pruning history as a uint8 tensor but got "
+                f"{type(state).__name__}."
+            )
+        decoded = json.loads(state.cpu().numpy().tobytes().decode())
+        if decoded["history"]["steps"]:
+            restore_pruning_state(self, {CHECKPOINT_KEY: decoded})
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if _EXTRA_STATE_KEY not in state_dict:  # an unpruned state dict from before the mixin: nothing to replay
+            filled: OrderedDict[str, Any] = OrderedDict(state_dict)
+            if hasattr(state_dict, "_metadata"):
+                filled._metadata = state_dict._metadata  # type: ignore[attr-defined]
+            filled[_EXTRA_STATE_KEY] = self.get_extra_state()
+            state_dict = filled
+        return super().load_state_dict(state_dict, *args, **kwargs)  # type: ignore[misc]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]

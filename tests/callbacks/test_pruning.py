@@ -142,6 +142,32 @@ def test_taylor_calibrates_without_logging(tmp_path):
     assert "log" not in vars(model)  # the silencing patch is gone
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_and_gradient_accumulation(tmp_path, precision):
+    pl.seed_everything(0)
+    model = FAMILIES["yolov8"]()
+    before = count_parameters(model)
+    recorder = Recorder()
+    callback = StructuredPruning(pruning_ratio=0.5, importance="taylor", epochs=[1], calibration_batches=2)
+    # fp16 autocast with a gradient scaler, as on a GPU (Lightning maps "16-mixed" on CPU to bf16 otherwise)
+    plugins = (
+        [pl.plugins.MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if precision == "16-mixed" else []
+    )
+    kwargs = {"plugins": plugins} if plugins else {"precision": precision}
+    trainer = make_trainer(
+        tmp_path, [callback, recorder], max_epochs=2, limit_train_batches=4, accumulate_grad_batches=2, **kwargs
+    )
+    trainer.fit(model, make_loader(8, 2))
+
+    assert recorder.params[1] < 0.6 * before and count_parameters(model) == recorder.params[1]
+    assert len(recorder.losses) == 8 and all(math.isfinite(x) for x in recorder.losses)
+    assert trainer.global_step == 4  # two optimizer steps per epoch of four batches
+    live = list(model.parameters())
+    assert sorted(map(id, optimizer_params(trainer))) == sorted(map(id, live))
+    state = trainer.optimizers[0].state
+    assert all(state[p]["momentum_buffer"].shape == p.shape for p in live if p.requires_grad)
+
+
 @pytest.mark.slow
 def test_resume_between_steps_and_reload_in_a_fresh_process(tmp_path):
     def run(ckpt_path=None, checkpoint=None):
@@ -410,6 +436,25 @@ def test_restore_refuses_a_differently_pruned_module():
     assert pruning_history(fresh) == pruning_history(pruned)
 
 
+def test_a_bare_state_dict_rebuilds_the_pruned_structure(tmp_path):
+    pruned = FAMILIES["yolov8"]()
+    StructuredPruning(pruning_ratio=0.4).on_train_epoch_start(fake_trainer(), pruned)
+    state = pruned.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # EMA-style code iterating tensors still works
+    torch.save(state, tmp_path / "weights.pt")
+    fresh = FAMILIES["yolov8"]()
+    fresh.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))  # no callback, no checkpoint dict
+    assert pruning_history(fresh) == pruning_history(pruned)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(fresh.eval()(x), pruned.eval()(x), strict=True))
+
+    legacy = {k: v for k, v in FAMILIES["yolov8"]().state_dict().items() if k != "_extra_state"}
+    FAMILIES["yolov8"]().load_state_dict(legacy)  # saved before the mixin existed: still loads strictly
+    with pytest.raises(ValueError, match=r"Expected `_extra_state` of YOLOv8 to be the pruning history as a uint8"):
+        FAMILIES["yolov8"]().load_state_dict({**legacy, "_extra_state": {"history": []}})
+
+
 DDP_SCRIPT = """
 import json, sys
 import pytorch_lightning as pl
@@ -422,14 +467,31 @@ class Reseed(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         torch.manual_seed(100 + trainer.global_rank)  # "random" scores differ by rank: only the broadcast agrees
 
-class Report(pl.Callback):
+def checksums(trainer, pl_module):
+    optimizer = trainer.optimizers[0]
+    return {{
+        "params": [float(p.detach().double().sum()) for p in pl_module.parameters()],
+        "state": [float(v.double().sum()) for p in pl_module.parameters() for v in optimizer.state[p].values()
+                  if torch.is_tensor(v) and v.dim() > 0],
+    }}
+
+class Report(pl.Callback):  # after StructuredPruning: sees every step's result
+    def __init__(self):
+        self.steps = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        history = pruning_history(pl_module)
+        self.steps.append({{"pruned": len(history), "records": history.steps[-1] if len(history) else [],
+                            **checksums(trainer, pl_module)}})
+
     def on_train_end(self, trainer, pl_module):
         live = {{id(p) for p in pl_module.parameters()}}
         out = {{
             "wrapped": type(trainer.strategy.model).__name__,
             "wrapped_is_live": {{id(p) for p in trainer.strategy.model.parameters()}} == live,
             "optimized_is_live": {{id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}} == live,
-            "steps": len(pruning_history(pl_module)),
+            "steps": self.steps,
+            "final": checksums(trainer, pl_module),
             "weights": [p.detach().flatten().tolist() for p in pl_module.parameters()],
         }}
         json.dump(out, open({out!r} + f"/rank{{trainer.global_rank}}.json", "w"))
@@ -437,24 +499,48 @@ class Report(pl.Callback):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    callbacks = [Reseed(), StructuredPruning(importance="random", schedule="linear", epochs=[1, 2]), Report()]
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, limit_train_batches=2,
+    callbacks = [Reseed(), StructuredPruning(importance={importance!r}, schedule="linear", epochs=[1, 2]), Report()]
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy={strategy!r}, max_epochs=3, limit_train_batches=2,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir={out!r},
                          callbacks=callbacks)
-    trainer.fit(YOLOv3("tiny", num_classes=2, img_size=64), make_loader(8, 2))
+    model = YOLOv3("tiny", num_classes=2, img_size=64, optimizer={optimizer!r})
+    trainer.fit(model, make_loader(8, 2))
+    if trainer.is_global_zero:  # with ddp_spawn: the main process, given rank 0's weights back by Lightning
+        json.dump({{"steps": len(pruning_history(model)),
+                    "weights": [p.detach().flatten().tolist() for p in model.parameters()]}},
+                  open({out!r} + "/main.json", "w"))
 """
 
 
 @pytest.mark.slow
-def test_ddp_ranks_prune_identically_and_keep_training(tmp_path):
+@pytest.mark.parametrize(
+    ("strategy", "optimizer", "importance"),
+    [("ddp", "sgd", "random"), ("ddp", "adamw", "taylor"), ("ddp_spawn", "adamw", "random")],
+)
+def test_ddp_ranks_prune_identically_and_keep_training(tmp_path, strategy, optimizer, importance):
     here = Path(__file__).resolve().parent
     script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(root=str(here.parents[1]), here=str(here), out=str(tmp_path)))
+    script.write_text(
+        DDP_SCRIPT.format(
+            root=str(here.parents[1]),
+            here=str(here),
+            out=str(tmp_path),
+            strategy=strategy,
+            optimizer=optimizer,
+            importance=importance,
+        )
+    )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:
         assert rank["wrapped"] == "DistributedDataParallel" and rank["wrapped_is_live"] and rank["optimized_is_live"]
-        assert rank["steps"] == 2
+        assert [s["pruned"] for s in rank["steps"]] == [0, 1, 2]
+        assert all(s["state"] for s in rank["steps"][1:])  # optimizer state carried over, not reset
+    for a, b in zip(*(rank["steps"] for rank in ranks), strict=True):  # after every step: same channels and values
+        assert a == b
+    assert ranks[0]["final"] == ranks[1]["final"]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # same channels kept, gradients still all-reduced
+    main = json.loads((tmp_path / "main.json").read_text())
+    assert main == {"steps": 2, "weights": ranks[0]["weights"]}  # ddp_spawn: pruned structure rebuilt, weights back
