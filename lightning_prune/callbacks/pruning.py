@@ -66,7 +66,8 @@ class StructuredPruning(pl.Callback):
             last step, on the same schedule, ranked among themselves; the first matching regex wins. Other layers
             follow ``pruning_ratio`` (or the target). Ratios in (0, 1).
         ignored_layers: regexes fully matching qualified module names (of the pruned module) never pruned; added to
-            the module's adapter output layers, or else the convs/linears that directly produce its outputs.
+            the module's adapter output layers, or else the convs/linears whose channels reach the model's outputs
+            through no other conv/linear (reshapes, concats and activations between are followed on the traced graph).
         calibration_batches: training batches that data-dependent criteria (``"taylor"``, ``"hessian"``,
             ``"activation"``, ``"apoz"``) read; every rank reads its own and the statistics are averaged.
         lr_scale: multiply every learning rate by this after each step (e.g. 0.1 to finetune).
@@ -149,6 +150,8 @@ class StructuredPruning(pl.Callback):
         self.steps_done = 0
         #: per step, ``{layer name: (output channels before, after)}`` of the layers the step narrowed
         self.layer_widths: list[dict[str, tuple[int, int]]] = []
+        self._graph_outputs: list[str] | None = None  # output layers of a module without adapter
+        self._stats: dict[str, float] | None = None  # the model's stats after the last step (reused as "before")
         self._original: dict[str, float] | None = None  # the unpruned model's stats (targets are relative to them)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -165,7 +168,10 @@ class StructuredPruning(pl.Callback):
                         f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
                     )
         if stage == "fit" and self.steps_done < len(self.epochs):
-            _check_traceable(target, self._example_input(pl_module, target))
+            graph = _check_traceable(target, self._example_input(pl_module, target))
+            if not self._has_adapter(target):
+                self._graph_outputs = _output_layers(target, graph)
+            del graph  # it pins traced activations
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,7 +222,9 @@ class StructuredPruning(pl.Callback):
         """Run the next step of the schedule on every rank, then patch optimizers and re-wrap DDP."""
         target = self._target(pl_module)
         example = move_data_to_device(self._example_input(pl_module, target), pl_module.device)
-        before = model_stats(target, example)
+        cached = self._stats
+        reuse = cached is not None and cached["params"] == sum(p.numel() for p in target.parameters())
+        before = cached if reuse and cached is not None else model_stats(target, example)
         history = pruning_history(pl_module)
         if self.metric is not None and self._original is None:
             if len(history):
@@ -258,7 +266,7 @@ class StructuredPruning(pl.Callback):
             trainer.strategy.model = trainer.strategy.lightning_module
             trainer.strategy.configure_ddp()
         self.steps_done += 1
-        after = model_stats(target, example)
+        after = self._stats = model_stats(target, example)
         self._log(trainer, before, after, widths, _widths(target))
 
     def _decide_and_prune(
@@ -295,6 +303,8 @@ class StructuredPruning(pl.Callback):
                 ignored_layers=[target.get_submodule(n) for n in ignored],
                 round_to=self.round_to,
             )
+        if self.round_to:
+            pruner._round_to = _round_kept_up  # torch-pruning rounds the kept count down, to 0 for narrow layers
         if self.global_pruning:  # ask for no more than the capped layers can give, or the threshold hits +inf
             pruner.per_step_pruning_ratio = [0.0, min(ratio, _available_ratio(pruner, widths, self.max_layer_ratio))]
         records: list[dict[str, Any]] = []
@@ -417,10 +427,20 @@ class StructuredPruning(pl.Callback):
         return example
 
     def _ignored_layers(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> list[str]:
+        """``ignored_layers`` matches and the adapter's output layers (else those found on the traced graph)."""
         names = [n for n, _ in target.named_modules() if any(p.fullmatch(n) for p in self.patterns)]
-        adapter = getattr(pl_module, "adapter", None) if target is pl_module else None
-        names += adapter.output_layers(target) if adapter is not None else _output_layers(target, example)
+        if self._has_adapter(target):
+            names += target.adapter.output_layers(target)
+        else:  # found on the traced graph at setup (names do not change with pruning), or now
+            if self._graph_outputs is None:
+                with _restored(target), _traceable(target):
+                    self._graph_outputs = _output_layers(target, tp.DependencyGraph().build_dependency(target, example))
+            names += self._graph_outputs
         return list(dict.fromkeys(names))
+
+    @staticmethod
+    def _has_adapter(target: nn.Module) -> bool:
+        return hasattr(getattr(target, "adapter", None), "output_layers")
 
     def _log(
         self,
@@ -539,7 +559,7 @@ def _traceable(target: nn.Module) -> Iterator[None]:
             p.requires_grad_(False)
 
 
-def _check_traceable(target: nn.Module, example: Any) -> None:
+def _check_traceable(target: nn.Module, example: Any) -> tp.DependencyGraph:
     """Build torch-pruning's dependency graph once; on failure, name the innermost module whose forward failed."""
     for name, module in target.named_modules():
         if is_chunked_c2f(module):
@@ -563,7 +583,7 @@ def _check_traceable(target: nn.Module, example: Any) -> None:
     ]
     try:
         with _restored(target), _traceable(target):
-            tp.DependencyGraph().build_dependency(target, example_inputs=example)
+            return tp.DependencyGraph().build_dependency(target, example_inputs=example)
     except Exception as err:
         where = (
             f"in module `{entered[-1]}` ({type(target.get_submodule(entered[-1])).__name__})"
@@ -605,6 +625,12 @@ def _widths(target: nn.Module) -> dict[str, int]:
     return widths
 
 
+def _round_kept_up(n_pruned: int, current: int, round_to: int) -> int:
+    """Channels to prune so that the kept count is a multiple of ``round_to`` at or above the asked one (>= 1)."""
+    kept = max(current - n_pruned, 1)
+    return max(current - min(current, math.ceil(kept / round_to) * round_to), 0)
+
+
 def _keep(original: int, current: int, max_ratio: float) -> int:
     return min(current, max(1, math.ceil(original * (1.0 - max_ratio) - 1e-9)))
 
@@ -632,43 +658,27 @@ def _original_widths(target: nn.Module, history: Any) -> dict[int, int]:
     return widths
 
 
-def _output_layers(model: nn.Module, example: Any) -> list[str]:
-    """Convs/linears whose output tensor is one of the model's outputs (their width encodes the outputs)."""
-    produced: dict[int, tuple[str, Any]] = {}  # holding the output keeps its id from being reused
+def _output_layers(model: nn.Module, graph: tp.DependencyGraph) -> list[str]:
+    """Convs/linears whose channels reach a model output through no other channel-mixing layer.
 
-    def record(name: str) -> Any:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:  # returning a value would replace the output
-            produced.setdefault(id(output), (name, output))
-
-        return hook
-
-    hooks = [
-        m.register_forward_hook(record(name))
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-    ]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()  # no BatchNorm statistics updated by this probe, and batch-1 inputs work
-        with torch.no_grad():
-            outputs = model(*example) if isinstance(example, tuple) else model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes.items():
-            m.train(training)
-    return [produced[id(t)][0] for t in _tensors(outputs) if id(t) in produced]
-
-
-def _tensors(x: Any) -> Iterator[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
+    Walks torch-pruning's traced graph back from its outputs through everything that keeps channels apart (reshape,
+    permute, concat, activations, BatchNorm, ...), stopping at the first conv or linear: their widths encode the
+    outputs (anchors × (5 + C), box offsets, DFL bins), even when the head reshapes and concatenates them.
+    """
+    mixing = (nn.modules.conv._ConvNd, nn.Linear)
+    found: dict[int, nn.Module] = {}
+    seen: set[int] = set()
+    stack = [node for node in graph.module2node.values() if not node.outputs]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.module, mixing):
+            found.setdefault(id(node.module), node.module)
+            continue
+        stack.extend(node.inputs)
+    return [name for name, m in model.named_modules() if id(m) in found]
 
 
 def _scale_lr(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scale: float) -> None:

@@ -11,6 +11,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from test_pruning import FAMILIES, fake_trainer, make_loader, make_trainer
+from torch import nn
 
 import lightning_prune.callbacks.pruning as pruning_module
 from lightning_prune.callbacks import StructuredPruning, pruning_history
@@ -40,6 +41,17 @@ def test_one_shot_target_is_met_within_tolerance(family, metric, global_pruning)
     assert after[metric] / before[metric] == pytest.approx(0.5, rel=StructuredPruning.tolerance)
     assert callback.state_dict() == {"steps_done": 1, "original": before}
     assert len(pruning_history(model)) == 1
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_keeps_multiples_and_still_meets_the_target(round_to):
+    model = FAMILIES["yolov8"]()
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    _, before, after = prune_once(model, target_macs_ratio=0.5, round_to=round_to)
+    assert after["macs"] / before["macs"] == pytest.approx(0.5, rel=StructuredPruning.tolerance)
+    now = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    narrowed = [n for n in widths if now[n] != widths[n]]
+    assert narrowed and all(now[n] % round_to == 0 and now[n] >= round_to for n in narrowed)
 
 
 def test_cubic_steps_meet_their_targets_of_the_original_in_a_fit(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from lightning_prune.callbacks import StructuredPruning, pruning_history
 
 # SSDLite's last 1×1 convs predict anchors × 4 box offsets and anchors × C class logits per level; their outputs
-# are reshaped and concatenated, so the callback cannot find them by itself: name them.
+# are reshaped and concatenated before they leave the model: the callback must find them on the traced graph.
 PREDICTION_CONVS = r"model\.head\.(classification|regression)_head\.module_list\.\d+\.1"
 
 
@@ -67,7 +68,9 @@ def test_ssdlite_prunes_and_keeps_training(tmp_path):
     with torch.no_grad():
         raw_shapes = {k: v.shape for k, v in detector.eval()(detector.example_input_array).items()}
     detector.train()
-    callback = StructuredPruning(pruning_ratio=0.3, epochs=[1], ignored_layers=[PREDICTION_CONVS])
+    predictors = {n: m.out_channels for n, m in detector.named_modules() if re.fullmatch(PREDICTION_CONVS, n)}
+    assert len(predictors) == 12
+    callback = StructuredPruning(pruning_ratio=0.3, epochs=[1])  # no ignored_layers: found automatically
     trainer = pl.Trainer(
         max_epochs=2,
         limit_train_batches=2,
@@ -82,6 +85,7 @@ def test_ssdlite_prunes_and_keeps_training(tmp_path):
     trainer.fit(detector, make_loader())
 
     assert len(pruning_history(detector)) == 1
+    assert {n: detector.get_submodule(n).out_channels for n in predictors} == predictors
     pruned = sum(p.numel() for p in detector.parameters())
     assert pruned < 0.8 * params
     epochs = [(epoch, count) for epoch, count, _ in detector.seen]

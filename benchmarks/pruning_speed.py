@@ -1,0 +1,290 @@
+"""Does pruning make the model faster? Latency of a pruned YOLOv8s against plain Torch-Pruning, side by side.
+
+Usage: python benchmarks/pruning_speed.py [--threads 2] [--quick] [--results benchmarks/RESULTS.md]
+       [--ours "round_to=16,global_pruning=1,max_layer_ratio=0.6" ...] [--scale s] [--repeats 10]
+
+Takes about 15-20 minutes on 2 cores (--quick: about 15 s, a smoke test whose numbers mean nothing). Run it on a
+quiet machine: every timing is wall clock.
+
+For each MACs reduction (25/50/75%) a fresh seeded ``YOLOv8("s", num_classes=80, img_size=640)`` is pruned to it
+(±3%) by each method, then the BatchNorm-fused eager forward (as deployed; :func:`lightning_prune.report.fuse.
+fuse_batchnorm`) of the original and the pruned model is timed at batch 1 and 8, 320 and 640 px, under
+``torch.inference_mode()``: warm-up, then the two models' runs interleaved (noise hits both) and the median kept.
+Speedup fidelity = (latency before / after) ÷ (MACs before / after): 1.0 means the latency falls as much as MACs.
+
+Methods: plain Torch-Pruning as its YOLOv8 example prunes (``MagnitudePruner``, ``GroupMagnitudeImportance(p=2)``,
+the same ratio for every layer, the head's output convs ignored; its ``pruning_ratio`` bisected to meet the
+reduction), without and with ``round_to=8``; ours: ``StructuredPruning(target_macs_ratio=1 - reduction,
+importance="l2", ...)`` applied without a Trainer, once per ``--ours`` flag (``""``: the callback's defaults; by
+default ``""``, ``round_to=8`` and ``round_to=16``). A method that fails (e.g. a target found unreachable) gets a
+"failed" row. The weights are random (seeded): magnitude criteria rank channels differently on a trained model.
+Then the cost of one pruning event (prune + optimizer patch + DDP re-wrap; ``pruning_ratio=0.5``, an SGD optimizer)
+and of one ``target_macs_ratio`` step (which adds the bisection of dry runs).
+
+Writes the section "pruning_speed" of benchmarks/RESULTS.md (or ``--results``); asserts nothing.
+Targets on 2 CPU cores: fidelity >= 0.9 at every size/batch/reduction and never below plain Torch-Pruning at the
+same MACs; one pruning event on the yolov8s-size model <= 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _results
+
+from lightning_prune.callbacks import StructuredPruning
+from lightning_prune.models.yolov8 import YOLOv8
+from lightning_prune.report.fuse import fuse_batchnorm
+from lightning_prune.report.summary import model_stats
+
+TRACE = 320  # pruning traces at this size (MACs ratios of a conv net do not depend on it)
+TOLERANCE = 0.03
+DEFAULT_OURS = ["", "round_to=8", "round_to=16"]  # "": the callback's defaults
+
+
+def fake_trainer(optimizers: list[torch.optim.Optimizer] | None = None) -> Any:
+    return SimpleNamespace(
+        sanity_checking=False,
+        current_epoch=0,
+        global_step=0,
+        is_global_zero=True,
+        world_size=1,
+        optimizers=optimizers or [],
+        lr_scheduler_configs=[],
+        strategy=object(),
+        logger=None,
+        train_dataloader=None,
+    )
+
+
+def build(scale: str = "s") -> YOLOv8:
+    torch.manual_seed(0)
+    model = YOLOv8(scale, num_classes=80, img_size=640).eval()
+    model.example_input_array = torch.zeros(1, 3, TRACE, TRACE)
+    return model
+
+
+def macs(model: nn.Module) -> float:
+    return model_stats(model, torch.zeros(1, 3, TRACE, TRACE))["macs"]
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def torch_pruning(base: YOLOv8, reduction: float, round_to: int | None, iterations: int = 14) -> tuple[nn.Module, str]:
+    """Torch-Pruning's YOLOv8 recipe, its uniform ``pruning_ratio`` bisected to the MACs reduction."""
+    goal, original = 1.0 - reduction, macs(base)
+
+    def prune(ratio: float) -> nn.Module:
+        model = copy.deepcopy(base)
+        example = torch.zeros(1, 3, TRACE, TRACE)
+        ignored = [model.get_submodule(n) for n in model.adapter.output_layers(model)]
+        pruner = tp.pruner.MagnitudePruner(
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            round_to=round_to,
+        )
+        pruner.step()
+        return model.eval()
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        model = prune(mid)
+        value = macs(model) / original
+        if best is None or abs(value / goal - 1) < abs(best[1] / goal - 1):
+            best = (model, value, mid)
+        if abs(value / goal - 1) < TOLERANCE / 3:
+            break
+        lo, hi = (mid, hi) if value > goal else (lo, mid)
+    assert best is not None
+    return best[0], f"pruning_ratio={best[2]:.3f}"
+
+
+def ours(base: YOLOv8, reduction: float, **kwargs: Any) -> tuple[nn.Module, str]:
+    model = copy.deepcopy(base)
+    StructuredPruning(target_macs_ratio=1.0 - reduction, importance="l2", **kwargs).on_train_epoch_start(
+        fake_trainer(), model
+    )
+    return model.eval(), ""
+
+
+def parse_ours(spec: str) -> dict[str, Any]:
+    """``"round_to=16,global_pruning=1,max_layer_ratio=0.8"`` -> keyword arguments of StructuredPruning."""
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=")
+        if key == "global_pruning":
+            kwargs[key] = value.lower() in ("1", "true", "yes")
+        elif key == "round_to":
+            kwargs[key] = None if value.lower() == "none" else int(value)
+        else:
+            kwargs[key] = float(value)
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@torch.inference_mode()
+def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of one forward of ``a`` and of ``b``, their runs interleaved after a warm-up."""
+    for m in (a, b, a, b):
+        m(x)
+    ta, tb = [], []
+    for _ in range(repeats):
+        for m, ts in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            m(x)
+            ts.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def event_cost(base: YOLOv8, **kwargs: Any) -> float:
+    """Seconds of one ``prune_step`` with an SGD optimizer to patch (calibration excluded: "l2" needs none)."""
+    model = copy.deepcopy(base).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for p in model.parameters():  # give the optimizer state to carry
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    callback = StructuredPruning(importance="l2", **kwargs)
+    start = time.perf_counter()
+    callback.prune_step(fake_trainer([optimizer]), model)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="320 px, batch 1, -50%% MACs, few repeats (smoke test)")
+    parser.add_argument("--results", type=Path, default=_results.RESULTS, help="the markdown file to update")
+    parser.add_argument("--ours", action="append", help=f"StructuredPruning settings; default {DEFAULT_OURS}")
+    parser.add_argument("--scale", default="s", help="YOLOv8 scale; the smoke test uses n")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 10, quick 3)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reductions = [0.5] if args.quick else [0.25, 0.5, 0.75]
+    settings = [(s, b) for s in ([320] if args.quick else [320, 640]) for b in ([1] if args.quick else [1, 8])]
+    repeats = args.repeats or (3 if args.quick else 10)
+
+    iterations = 3 if args.quick else 14  # of the bisection of Torch-Pruning's ratio
+    base = build(args.scale)
+    base_stats = model_stats(base, torch.zeros(1, 3, 640, 640))
+    methods: list[tuple[str, Any]] = [
+        ("Torch-Pruning", lambda r: torch_pruning(base, r, None, iterations)),
+        ("Torch-Pruning round_to=8", lambda r: torch_pruning(base, r, 8, iterations)),
+    ]
+    for spec in args.ours or DEFAULT_OURS:
+        kwargs = parse_ours(spec)
+        methods.append((f"ours {spec or '(defaults)'}", lambda r, kw=kwargs: ours(base, r, **kw)))
+    fused_base = fuse_batchnorm(base, torch.zeros(1, 3, 64, 64))
+
+    rows: list[str] = []
+    fidelity: dict[tuple[float, int, int], dict[str, float]] = {}  # (reduction, px, batch) -> method -> fidelity
+    for reduction in reductions:
+        for name, method in methods:
+            start = time.perf_counter()
+            try:
+                pruned, note = method(reduction)
+            except Exception as err:  # e.g. a target found unreachable: report it, go on
+                rows.append(f"| -{reduction:.0%} | {name} | failed: {str(err).splitlines()[0]} |" + " |" * 8)
+                print(rows[-1], flush=True)
+                continue
+            prune_s = time.perf_counter() - start
+            stats = model_stats(pruned, torch.zeros(1, 3, 640, 640))
+            mac_x = base_stats["macs"] / stats["macs"]
+            fused = fuse_batchnorm(pruned, torch.zeros(1, 3, 64, 64))
+            for size, batch in settings:
+                x = torch.randn(batch, 3, size, size)
+                before, after = time_pair(fused_base, fused, x, repeats)
+                fid = fidelity.setdefault((reduction, size, batch), {})[name] = before / after / mac_x
+                rows.append(
+                    f"| -{reduction:.0%} | {name} | {stats['params'] / 1e6:.2f}M | {stats['macs'] / 1e9:.2f}G "
+                    f"({1 - 1 / mac_x:.1%}) | {size} | {batch} | {before * 1e3:.1f} | {after * 1e3:.1f} "
+                    f"| {before / after:.2f}x | {fid:.2f} | {prune_s:.1f} {note} |"
+                )
+                print(rows[-1], flush=True)
+    names = [name for name, _ in methods]
+    side_by_side = [
+        f"| -{r:.0%} | {s} | {b} | " + " | ".join(f"{fids[n]:.2f}" if n in fids else "-" for n in names) + " |"
+        for (r, s, b), fids in fidelity.items()
+    ]
+    worst = {n: min((f[n] for f in fidelity.values() if n in f), default=float("nan")) for n in names}
+    first = parse_ours((args.ours or DEFAULT_OURS)[0])
+    event = event_cost(build(args.scale), pruning_ratio=0.5, **first)
+    target_step = "skipped (--quick)"
+    if not args.quick:
+        try:
+            target_step = f"{event_cost(build(args.scale), target_macs_ratio=0.5, **first):.2f}"
+        except Exception as err:
+            target_step = f"failed: {str(err).splitlines()[0]}"
+    tp_graph = tp_event_cost(build(args.scale))
+
+    body = "\n".join(
+        [
+            f"Model: YOLOv8{args.scale} (80 classes), {base_stats['params'] / 1e6:.2f}M params, "
+            f"{base_stats['macs'] / 1e9:.2f} GMACs at 640 px. Latency: BatchNorm-fused eager forward, "
+            f"`torch.inference_mode()`, median of {repeats} runs interleaved with the original's. "
+            "Fidelity = speedup ÷ MACs reduction (target >= 0.9)."
+            + (" **Quick smoke run**: not a measurement." if args.quick else ""),
+            "",
+            "Fidelity side by side:",
+            "",
+            "| MACs cut | px | batch | " + " | ".join(names) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |",
+            *side_by_side,
+            "",
+            "Worst fidelity per method: " + ", ".join(f"{k} {v:.2f}" for k, v in worst.items()) + ".",
+            "",
+            "| MACs cut | method | params | MACs at 640 (cut) | px | batch | before (ms) | after (ms) | speedup "
+            "| fidelity | prune time (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            f"| pruning event on YOLOv8{args.scale} (traced at {TRACE} px) | seconds | target |",
+            "| --- | --- | --- |",
+            f"| ours, `pruning_ratio=0.5`: prune + SGD optimizer patch + re-wrap | {event:.2f} | <= 1 s |",
+            f"| ours, `target_macs_ratio=0.5` (adds the bisection of dry runs) | {target_step} | - |",
+            f"| plain Torch-Pruning: dependency graph + `step()` at ratio 0.5 | {tp_graph:.2f} | - |",
+            "",
+            f"The pruning-event rows ran ours with {(args.ours or DEFAULT_OURS)[0] or 'the defaults'}.",
+        ]
+    )
+    default, _results.RESULTS = _results.RESULTS, args.results
+    try:
+        _results.write_section("pruning_speed", body)
+    finally:
+        _results.RESULTS = default
+    print(body)
+    return body
+
+
+def tp_event_cost(base: YOLOv8) -> float:
+    example = torch.zeros(1, 3, TRACE, TRACE)
+    ignored = [base.get_submodule(n) for n in base.adapter.output_layers(base)]
+    start = time.perf_counter()
+    tp.pruner.MagnitudePruner(
+        base,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=ignored,
+    ).step()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
