@@ -72,6 +72,10 @@ class StructuredPruning(pl.Callback):
             ``"activation"``, ``"apoz"``) read; every rank reads its own and the statistics are averaged.
         lr_scale: multiply every learning rate by this after each step (e.g. 0.1 to finetune).
         submodule: dotted name of the submodule to prune; default the whole module.
+        example_input: what the pruned module is traced (and its MACs counted) on: a tensor (or tuple of inputs), or
+            a shape such as ``[1, 3, 320, 320]`` for a zero tensor (handy in YAML); default its (or the
+            LightningModule's) ``example_input_array``. A fully convolutional detector can be traced at a smaller
+            size than it trains at (MACs ratios do not depend on it) to make each step cheaper.
 
     Raises:
         ValueError: an argument is out of range or of the wrong type, or ``pruning_ratio`` and a target (or both
@@ -112,6 +116,7 @@ class StructuredPruning(pl.Callback):
         calibration_batches: int = 8,
         lr_scale: float | None = None,
         submodule: str | None = None,
+        example_input: Any = None,
     ) -> None:
         super().__init__()
         if epochs is None:
@@ -147,6 +152,9 @@ class StructuredPruning(pl.Callback):
         self.calibration_batches = calibration_batches
         self.lr_scale = lr_scale
         self.submodule = submodule
+        if isinstance(example_input, list) and example_input and all(_is_int(d) and d > 0 for d in example_input):
+            example_input = torch.zeros(example_input)
+        self.example_input = example_input
         self.steps_done = 0
         #: per step, ``{layer name: (output channels before, after)}`` of the layers the step narrowed
         self.layer_widths: list[dict[str, tuple[int, int]]] = []
@@ -416,13 +424,16 @@ class StructuredPruning(pl.Callback):
             ) from None
 
     def _example_input(self, pl_module: pl.LightningModule, target: nn.Module) -> Any:
+        if self.example_input is not None:
+            return self.example_input
         example = getattr(target, "example_input_array", None)
         if example is None:
             example = getattr(pl_module, "example_input_array", None)
         if example is None:
             raise MisconfigurationException(
                 f"Expected `{type(pl_module).__name__}.example_input_array` to be set to trace the model for pruning "
-                "but it is None. HINT: set `self.example_input_array = torch.zeros(1, 3, H, W)` in `__init__`."
+                "but it is None. HINT: set `self.example_input_array = torch.zeros(1, 3, H, W)` in `__init__`, or "
+                "pass `StructuredPruning(example_input=[1, 3, H, W])`."
             )
         return example
 

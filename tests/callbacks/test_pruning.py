@@ -287,6 +287,17 @@ def test_layer_ratios_prune_named_layers_by_their_own_ratio_on_the_schedule():
         assert callback.layer_widths[1][n] == (half[n], convs[n].out_channels)
 
 
+def test_example_input_argument_replaces_example_input_array():
+    model = FAMILIES["yolov8"]()
+    model.example_input_array = None
+    callback = StructuredPruning(pruning_ratio=0.3, example_input=[1, 3, 32, 32])  # a shape, as in YAML
+    callback.setup(None, model, "fit")
+    callback.on_train_epoch_start(fake_trainer(), model)
+    assert len(pruning_history(model)) == 1
+    assert tuple(callback.example_input.shape) == (1, 3, 32, 32)
+    assert model.example_input_array is None
+
+
 def test_resume_with_a_module_missing_its_history_errors():
     model = YOLOv3("tiny", num_classes=2, img_size=64)
     callback = StructuredPruning(schedule="linear", epochs=[1, 2])
