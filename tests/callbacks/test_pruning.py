@@ -510,7 +510,8 @@ class Report(pl.Callback):  # after StructuredPruning: sees every step's result
 if __name__ == "__main__":
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    callbacks = [Reseed(), StructuredPruning(importance={importance!r}, schedule="linear", epochs=[1, 2]), Report()]
+    pruning = StructuredPruning(importance={importance!r}, schedule="linear", epochs=[1, 2], **{prune_kwargs!r})
+    callbacks = [Reseed(), pruning, Report()]
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy={strategy!r}, max_epochs=3, limit_train_batches=2,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir={out!r},
@@ -526,10 +527,14 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("strategy", "optimizer", "importance"),
-    [("ddp", "sgd", "random"), ("ddp", "adamw", "taylor"), ("ddp_spawn", "adamw", "random")],
+    ("strategy", "optimizer", "importance", "prune_kwargs"),
+    [
+        ("ddp", "sgd", "random", {}),
+        ("ddp", "adamw", "taylor", {}),  # calibration on both ranks, gradients averaged (SyncBatchNorm needs GPUs)
+        ("ddp_spawn", "adamw", "random", {"target_macs_ratio": 0.6}),
+    ],
 )
-def test_ddp_ranks_prune_identically_and_keep_training(tmp_path, strategy, optimizer, importance):
+def test_ddp_ranks_prune_identically_and_keep_training(tmp_path, strategy, optimizer, importance, prune_kwargs):
     here = Path(__file__).resolve().parent
     script = tmp_path / "ddp_fit.py"
     script.write_text(
@@ -540,6 +545,7 @@ def test_ddp_ranks_prune_identically_and_keep_training(tmp_path, strategy, optim
             strategy=strategy,
             optimizer=optimizer,
             importance=importance,
+            prune_kwargs=prune_kwargs,
         )
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
