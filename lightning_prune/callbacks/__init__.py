@@ -1,6 +1,7 @@
-"""The Lightning layer: callbacks that prune, and the module mixin that restores pruned checkpoints."""
+"""The Lightning layer: callbacks that prune and regularize, and the mixin that restores pruned checkpoints."""
 
 from lightning_prune.callbacks.pruning import StructuredPruning
+from lightning_prune.callbacks.sparsity import SparsityRegularization
 from lightning_prune.pruning.checkpoint import PrunableMixin, pruning_history
 
-__all__ = ["PrunableMixin", "StructuredPruning", "pruning_history"]
+__all__ = ["PrunableMixin", "SparsityRegularization", "StructuredPruning", "pruning_history"]

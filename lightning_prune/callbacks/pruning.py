@@ -28,6 +28,7 @@ from lightning_prune.pruning.history import apply_records, group_records
 from lightning_prune.pruning.importance import ActivationImportance, needs_calibration, resolve_importance
 from lightning_prune.pruning.optim import track_pruning
 from lightning_prune.pruning.schedules import build_schedule, relative_ratios
+from lightning_prune.pruning.tracing import restored, traceable
 from lightning_prune.report.summary import model_stats
 
 
@@ -176,7 +177,7 @@ class StructuredPruning(pl.Callback):
                         f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
                     )
         if stage == "fit" and self.steps_done < len(self.epochs):
-            graph = _check_traceable(target, self._example_input(pl_module, target))
+            graph = _checktraceable(target, self._example_input(pl_module, target))
             if not self._has_adapter(target):
                 self._graph_outputs = _output_layers(target, graph)
             del graph  # it pins traced activations
@@ -288,7 +289,7 @@ class StructuredPruning(pl.Callback):
         ignored = self._ignored_layers(pl_module, target, example)
         if ratio <= 0 and not self.layer_ratios:
             return []
-        with _restored(target, keep_grads=True):
+        with restored(target, keep_grads=True):
             return self._prune(target, example, ratio, ignored, pruning_history(pl_module))
 
     def _prune(
@@ -299,7 +300,7 @@ class StructuredPruning(pl.Callback):
         if isinstance(self.importance, ActivationImportance):
             self.importance.bind(target)  # its statistics are by layer name: `target` may be a dry run's copy
         importance = _CappedImportance(self.importance, widths, self.max_layer_ratio)
-        with _traceable(target):
+        with traceable(target):
             pruner = tp.pruner.BasePruner(
                 target,
                 example,
@@ -340,7 +341,7 @@ class StructuredPruning(pl.Callback):
             if ratio == 0.0 and not self.layer_ratios:
                 return model_stats(target, example)[self.metric] / original
             trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
-            with _restored(trial, keep_grads=True):
+            with restored(trial, keep_grads=True):
                 self._prune(trial, example, ratio, ignored, history)
             return model_stats(trial, example)[self.metric] / original
 
@@ -444,7 +445,7 @@ class StructuredPruning(pl.Callback):
             names += target.adapter.output_layers(target)
         else:  # found on the traced graph at setup (names do not change with pruning), or now
             if self._graph_outputs is None:
-                with _restored(target), _traceable(target):
+                with restored(target), traceable(target):
                     self._graph_outputs = _output_layers(target, tp.DependencyGraph().build_dependency(target, example))
             names += self._graph_outputs
         return list(dict.fromkeys(names))
@@ -556,21 +557,7 @@ def _layer_schedules(layer_ratios: Any, schedule: Any, steps: int) -> dict[re.Pa
     return schedules
 
 
-@contextmanager
-def _traceable(target: nn.Module) -> Iterator[None]:
-    """Grad mode on and frozen parameters unfrozen while torch-pruning traces ``target`` (it skips frozen layers)."""
-    frozen = [p for p in target.parameters() if not p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-def _check_traceable(target: nn.Module, example: Any) -> tp.DependencyGraph:
+def _checktraceable(target: nn.Module, example: Any) -> tp.DependencyGraph:
     """Build torch-pruning's dependency graph once; on failure, name the innermost module whose forward failed."""
     for name, module in target.named_modules():
         if is_chunked_c2f(module):
@@ -593,7 +580,7 @@ def _check_traceable(target: nn.Module, example: Any) -> tp.DependencyGraph:
         for h in (m.register_forward_pre_hook(push(n)), m.register_forward_hook(pop))
     ]
     try:
-        with _restored(target), _traceable(target):
+        with restored(target), traceable(target):
             return tp.DependencyGraph().build_dependency(target, example_inputs=example)
     except Exception as err:
         where = (
@@ -700,23 +687,6 @@ def _scale_lr(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scale: floa
     for config in trainer.lr_scheduler_configs:
         if config.scheduler.optimizer is optimizer and hasattr(config.scheduler, "base_lrs"):
             config.scheduler.base_lrs = [lr * scale for lr in config.scheduler.base_lrs]
-
-
-@contextmanager
-def _restored(module: nn.Module, keep_grads: bool = False) -> Iterator[None]:
-    """Give back train/eval modes and ``requires_grad`` flags (graph building calls ``eval()`` and unfreezes)."""
-    modes = {m: m.training for m in module.modules()}
-    frozen = [p for p in module.parameters() if not p.requires_grad]
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-        for m, training in modes.items():
-            m.train(training)
-        if not keep_grads:
-            for p in module.parameters():
-                p.grad = None
 
 
 @contextmanager

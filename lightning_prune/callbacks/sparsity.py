@@ -1,0 +1,196 @@
+"""Sparsity regularization (network slimming) of any LightningModule during ``fit``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
+
+from lightning_prune.pruning.checkpoint import pruning_history
+from lightning_prune.pruning.sparsity import SCHEDULES, BNGroup, add_l1_subgradient, bn_groups, gamma_stats, penalty_at
+
+
+class SparsityRegularization(pl.Callback):
+    """Add ``λ·sign(γ)`` (or its group-lasso form) to the BatchNorm γ gradients before every optimizer step.
+
+    At ``on_before_optimizer_step`` the gradients are final: all-reduced under DDP, unscaled under AMP, and
+    accumulated over ``accumulate_grad_batches`` (the hook runs once per optimizer step). Only BatchNorms whose
+    channels structured pruning can remove are regularized (see :mod:`lightning_prune.pruning.sparsity`); the
+    groups are traced again after a :class:`~lightning_prune.callbacks.StructuredPruning` step changes the model.
+
+    Logs each epoch ``sparsity/penalty``, ``sparsity/gamma_below_1e-2`` and ``sparsity/gamma_below_1e-3`` (shares of
+    the regularized |γ|), and a histogram ``sparsity/gamma`` when the logger is TensorBoard.
+
+    Paper: Liu et al., "Learning Efficient Convolutional Networks through Network Slimming" (ICCV 2017),
+    https://arxiv.org/abs/1708.06519
+
+    Args:
+        penalty: λ, >= 0 (typical 1e-4 .. 1e-3).
+        schedule: ``"constant"``, ``"warmup"`` (ramp over ``warmup_epochs``), ``"linear"`` or ``"cosine"`` decay to 0
+            at ``stop_epoch``; evaluated per epoch.
+        start_epoch: first regularized epoch.
+        stop_epoch: first epoch no longer regularized (required by ``"linear"`` / ``"cosine"``).
+        warmup_epochs: epochs of the ``"warmup"`` ramp.
+        group_lasso: regularize BatchNorms coupled in a dependency group (shortcut chains) jointly per channel.
+        ignored_layers: regexes of module names whose output channels must stay (their groups are not regularized);
+            added to the module's adapter output layers.
+        submodule: dotted name of the submodule to regularize; default the whole module.
+        example_input: input to trace with (a tensor or a shape); default ``example_input_array``.
+
+    Raises:
+        ValueError: an argument is out of range or of the wrong type.
+        MisconfigurationException: at ``setup``, a pattern matches no module, the module has no example input, or it
+            has no BatchNorm that pruning could shrink.
+
+    Example:
+        >>> SparsityRegularization(penalty=1e-3, schedule="cosine", stop_epoch=10).penalty_at(5)
+        0.0005
+    """
+
+    def __init__(
+        self,
+        penalty: float = 1e-4,
+        schedule: str = "constant",
+        start_epoch: int = 0,
+        stop_epoch: int | None = None,
+        warmup_epochs: int = 0,
+        group_lasso: bool = False,
+        ignored_layers: list[str] | None = None,
+        submodule: str | None = None,
+        example_input: Any = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0:
+            raise ValueError(f"Expected argument `penalty` to be a float >= 0 but got {penalty!r}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Expected argument `schedule` to be one of {list(SCHEDULES)} but got {schedule!r}.")
+        for name, value in (("start_epoch", start_epoch), ("warmup_epochs", warmup_epochs)):
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"Expected argument `{name}` to be an int >= 0 but got {value!r}.")
+        if stop_epoch is not None and (not _is_int(stop_epoch) or stop_epoch <= start_epoch):
+            raise ValueError(
+                f"Expected argument `stop_epoch` to be None or an int > `start_epoch` ({start_epoch}) but got "
+                f"{stop_epoch!r}."
+            )
+        if schedule in ("linear", "cosine") and stop_epoch is None:
+            raise ValueError(f"Expected argument `stop_epoch` to be set for schedule {schedule!r} but got None.")
+        self.penalty, self.schedule = float(penalty), schedule
+        self.start_epoch, self.stop_epoch, self.warmup_epochs = start_epoch, stop_epoch, warmup_epochs
+        self.group_lasso = bool(group_lasso)
+        self.patterns = [_compile(p) for p in ignored_layers or []]
+        self.submodule = submodule
+        if isinstance(example_input, list) and example_input and all(_is_int(d) and d > 0 for d in example_input):
+            example_input = torch.zeros(example_input)
+        self.example_input = example_input
+        self.groups: list[BNGroup] = []
+        self._traced_at = -1  # the number of pruning steps the groups were traced after
+        self._last_step = -1
+
+    def penalty_at(self, epoch: int) -> float:
+        """λ in ``epoch``."""
+        return penalty_at(
+            self.penalty, self.schedule, epoch, 0.0, self.start_epoch, self.stop_epoch, self.warmup_epochs
+        )
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        target = self._target(pl_module)
+        names = [n for n, _ in target.named_modules()]
+        for pattern in self.patterns:
+            if not any(pattern.fullmatch(n) for n in names):
+                raise MisconfigurationException(
+                    f"Expected every pattern of `ignored_layers` to match a module name but {pattern.pattern!r} "
+                    f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
+                )
+        if stage == "fit":
+            self._trace(pl_module)
+            if not self.groups:
+                raise MisconfigurationException(
+                    f"Expected {type(target).__name__} to have BatchNorms whose channels pruning can remove but it "
+                    "has none: network slimming regularizes BatchNorm scales."
+                )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step == self._last_step:  # several optimizers: once per step
+            return
+        self._last_step = trainer.global_step
+        penalty = self.penalty_at(trainer.current_epoch)
+        if penalty == 0:
+            return
+        if len(pruning_history(pl_module)) != self._traced_at:
+            self._trace(pl_module)
+        add_l1_subgradient(self._target(pl_module), self.groups, penalty, self.group_lasso)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(pruning_history(pl_module)) != self._traced_at:
+            self._trace(pl_module)
+        gammas, shares = gamma_stats(self._target(pl_module), self.groups)
+        pl_module.log("sparsity/penalty", self.penalty_at(trainer.current_epoch), on_epoch=True)
+        for key, value in shares.items():
+            pl_module.log(f"sparsity/{key}", value, on_epoch=True)
+        experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
+        if hasattr(experiment, "add_histogram") and gammas.numel():
+            experiment.add_histogram("sparsity/gamma", gammas, global_step=trainer.current_epoch)
+
+    # ------------------------------------------------------------------ internals
+    def _trace(self, pl_module: pl.LightningModule) -> None:
+        target = self._target(pl_module)
+        ignored = [m for n, m in target.named_modules() if any(p.fullmatch(n) for p in self.patterns)]
+        adapter = getattr(target, "adapter", None)
+        if hasattr(adapter, "output_layers"):
+            ignored += [target.get_submodule(n) for n in adapter.output_layers(target)]
+        example = self.example_input if self.example_input is not None else getattr(target, "example_input_array", None)
+        if example is None:
+            example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            raise MisconfigurationException(
+                f"Expected `{type(pl_module).__name__}.example_input_array` to be set to find the prunable "
+                "BatchNorms but it is None. HINT: pass `SparsityRegularization(example_input=[1, 3, H, W])`."
+            )
+        device = next(target.parameters()).device
+        self.groups = bn_groups(target, _to(example, device), ignored)
+        self._traced_at = len(pruning_history(pl_module))
+
+    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.submodule is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.submodule)
+        except AttributeError:
+            raise MisconfigurationException(
+                f"Expected argument `submodule` to name a submodule of {type(pl_module).__name__} but got "
+                f"{self.submodule!r}."
+            ) from None
+
+
+def _to(example: Any, device: torch.device) -> Any:
+    if isinstance(example, torch.Tensor):
+        return example.to(device)
+    if isinstance(example, tuple):
+        return tuple(_to(e, device) for e in example)
+    return example
+
+
+def _compile(pattern: Any) -> re.Pattern[str]:
+    if not isinstance(pattern, str):
+        raise ValueError(f"Expected argument `ignored_layers` to hold regex strings but got {pattern!r}.")
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(
+            f"Expected argument `ignored_layers` to hold valid regexes but got {pattern!r}: {err}."
+        ) from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
