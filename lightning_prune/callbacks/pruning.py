@@ -45,10 +45,11 @@ class StructuredPruning(pl.Callback):
 
     Instead of a channel ratio, a step can aim at a size: with ``target_macs_ratio`` (or ``target_params_ratio``)
     the schedule applies to the reduction ``1 - target`` of the *original* model's MACs (or parameters), and rank 0
-    finds each step's channel ratio by bisection on dry runs (pruning deep copies of the module and counting them
-    with :func:`~lightning_prune.report.summary.model_stats`), then prunes the real module with it. The achieved
-    ratio is within ±3% (relative) of each step's target and is logged as ``prune/macs_of_original`` and
-    ``prune/params_of_original`` (``prune/macs_ratio`` and ``prune/params_ratio`` compare a step with the one before).
+    finds each step's channel ratio by a bracketed search (false position) on dry runs (pruning deep copies of the
+    module and counting them with :func:`~lightning_prune.report.summary.model_stats`), then prunes the real module
+    with it. The achieved ratio is within ±3% (relative) of each step's target and is logged as
+    ``prune/macs_of_original`` and ``prune/params_of_original`` (``prune/macs_ratio`` and ``prune/params_ratio``
+    compare a step with the one before).
 
     Args:
         pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
@@ -98,7 +99,7 @@ class StructuredPruning(pl.Callback):
 
     #: relative tolerance of an achieved MACs/params ratio around the step's target
     tolerance = 0.03
-    #: dry runs of the bisection per step
+    #: at most this many dry runs per step after the bracket's (false position, usually 2-4)
     search_iterations = 10
 
     def __init__(
@@ -326,7 +327,7 @@ class StructuredPruning(pl.Callback):
     def _search_ratio(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, example: Any
     ) -> float:
-        """Bisect the channel ratio whose dry run leaves the step's fraction of the original MACs/params.
+        """Search the channel ratio whose dry run leaves the step's fraction of the original MACs/params.
 
         Each dry run prunes a deep copy of ``target`` (with the gradients or statistics of a data-dependent criterion,
         which stay for the real step); ``target`` itself keeps its parameters, modes and ``requires_grad`` flags.
@@ -348,7 +349,8 @@ class StructuredPruning(pl.Callback):
         def error(value: float) -> float:
             return abs(value / goal - 1.0)
 
-        if achieved(0.0) <= goal * (1.0 + self.tolerance):
+        start = achieved(0.0)
+        if start <= goal * (1.0 + self.tolerance):
             return 0.0  # already small enough
         lo, hi = 0.0, min(self.max_layer_ratio, 0.99)
         reachable = achieved(hi)
@@ -360,14 +362,20 @@ class StructuredPruning(pl.Callback):
                 f"({self.max_layer_ratio}) leaves {reachable:.3f}. HINT: raise `max_layer_ratio` or `{name}`."
             )
         best = (hi, reachable)
+        a_lo, a_hi = start, reachable
         for _ in range(self.search_iterations):
-            if error(best[1]) < self.tolerance / 6:
+            if error(best[1]) < self.tolerance / 3:
                 break
-            mid = (lo + hi) / 2
+            # false position on the (monotone, step-wise) achieved ratio, kept off the bracket's ends
+            t = (a_lo - goal) / (a_lo - a_hi) if a_lo > a_hi else 0.5
+            mid = lo + (hi - lo) * min(max(t, 0.1), 0.9)
             value = achieved(mid)
             if error(value) < error(best[1]):
                 best = (mid, value)
-            lo, hi = (mid, hi) if value > goal else (lo, mid)
+            if value > goal:
+                lo, a_lo = mid, value
+            else:
+                hi, a_hi = mid, value
         return best[0]
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module) -> None:
