@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -21,11 +20,11 @@ from torch import nn
 from torch_pruning.pruner.importance import Importance
 from typing_extensions import override
 
-from lightning_prune.adapters.c2f import is_chunked_c2f
 from lightning_prune.pruning.calibration import Calibration
+from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_state, set_pruning_root
-from lightning_prune.pruning.history import apply_records, group_records
-from lightning_prune.pruning.importance import ActivationImportance, needs_calibration, resolve_importance
+from lightning_prune.pruning.history import apply_records
+from lightning_prune.pruning.importance import needs_calibration, resolve_importance
 from lightning_prune.pruning.optim import track_pruning
 from lightning_prune.pruning.schedules import build_schedule, relative_ratios
 from lightning_prune.pruning.tracing import restored, traceable
@@ -178,9 +177,12 @@ class StructuredPruning(pl.Callback):
                         f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
                     )
         if stage == "fit" and self.steps_done < len(self.epochs):
-            graph = _checktraceable(target, self._example_input(pl_module, target))
+            try:
+                graph = check_traceable(target, self._example_input(pl_module, target))
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from err.__cause__
             if not self._has_adapter(target):
-                self._graph_outputs = _output_layers(target, graph)
+                self._graph_outputs = output_layers(target, graph)
             del graph  # it pins traced activations
 
     @override
@@ -245,7 +247,7 @@ class StructuredPruning(pl.Callback):
                 )
             self._original = before
         ratio = relative_ratios(self.ratios)[self.steps_done]  # of the model as it is now
-        widths = _widths(target)
+        widths = layer_widths(target)
         calibrated = needs_calibration(self.importance) and (self.metric is not None or ratio > 0 or self.layer_ratios)
         if calibrated:  # every rank, on its own batches; the statistics are averaged across ranks
             self._calibrate(trainer, pl_module, target)
@@ -277,7 +279,7 @@ class StructuredPruning(pl.Callback):
             trainer.strategy.configure_ddp()
         self.steps_done += 1
         after = self._stats = model_stats(target, example)
-        self._log(trainer, before, after, widths, _widths(target))
+        self._log(trainer, before, after, widths, layer_widths(target))
 
     def _decide_and_prune(
         self,
@@ -297,32 +299,18 @@ class StructuredPruning(pl.Callback):
         self, target: nn.Module, example: Any, ratio: float, ignored: list[str], history: Any
     ) -> list[dict[str, Any]]:
         """Prune ``target`` (the real module or a dry run's copy) by the channel ratio ``ratio``; the records."""
-        widths = _original_widths(target, history)
-        if isinstance(self.importance, ActivationImportance):
-            self.importance.bind(target)  # its statistics are by layer name: `target` may be a dry run's copy
-        importance = _CappedImportance(self.importance, widths, self.max_layer_ratio)
-        with traceable(target):
-            pruner = tp.pruner.BasePruner(
-                target,
-                example,
-                importance,
-                global_pruning=self.global_pruning,
-                pruning_ratio=ratio,
-                pruning_ratio_dict=self._layer_ratio_dict(target, ignored),
-                max_pruning_ratio=self.max_layer_ratio,
-                ignored_layers=[target.get_submodule(n) for n in ignored],
-                round_to=self.round_to,
-            )
-        if self.round_to:
-            pruner._round_to = _round_kept_up  # torch-pruning rounds the kept count down, to 0 for narrow layers
-        if self.global_pruning:  # ask for no more than the capped layers can give, or the threshold hits +inf
-            pruner.per_step_pruning_ratio = [0.0, min(ratio, _available_ratio(pruner, widths, self.max_layer_ratio))]
-        records: list[dict[str, Any]] = []
-        for group in pruner.step(interactive=True):
-            records.extend(group_records(group, target))
-            group.prune()
-        del pruner  # the graph pins traced activations
-        return records
+        return prune_channels(
+            target,
+            example,
+            self.importance,
+            ratio,
+            ignored_layers=[target.get_submodule(n) for n in ignored],
+            layer_ratios=self._layer_ratio_dict(target, ignored),
+            history=history,
+            global_pruning=self.global_pruning,
+            max_layer_ratio=self.max_layer_ratio,
+            round_to=self.round_to,
+        )
 
     def _search_ratio(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, example: Any
@@ -454,7 +442,7 @@ class StructuredPruning(pl.Callback):
         else:  # found on the traced graph at setup (names do not change with pruning), or now
             if self._graph_outputs is None:
                 with restored(target), traceable(target):
-                    self._graph_outputs = _output_layers(target, tp.DependencyGraph().build_dependency(target, example))
+                    self._graph_outputs = output_layers(target, tp.DependencyGraph().build_dependency(target, example))
             names += self._graph_outputs
         return list(dict.fromkeys(names))
 
@@ -523,26 +511,6 @@ def _resolve_target(
     return name.split("_")[1], float(value)
 
 
-class _CappedImportance:
-    """Wraps a criterion so that a layer keeps at least ``1 - max_layer_ratio`` of its *original* channels.
-
-    Torch-pruning's ``max_pruning_ratio`` is relative to the model the pruner was built on (each step here), so the
-    channels a layer must keep get an infinite score instead: no threshold selects them.
-    """
-
-    def __init__(self, importance: Importance, widths: dict[int, int], max_ratio: float) -> None:
-        self.importance, self.widths, self.max_ratio = importance, widths, max_ratio
-
-    def __call__(self, group: tp.Group, **kwargs: Any) -> torch.Tensor | None:
-        imp = self.importance(group, **kwargs)
-        if imp is None:
-            return None
-        keep = _keep(self.widths.get(id(group[0][0].target.module), len(imp)), len(imp), self.max_ratio)
-        imp = imp.clone()
-        imp[torch.topk(imp, keep).indices] = float("inf")
-        return imp
-
-
 _SINGLE_DEVICE = ("SingleDeviceStrategy", "SingleDeviceXLAStrategy")
 
 
@@ -565,46 +533,6 @@ def _layer_schedules(layer_ratios: Any, schedule: Any, steps: int) -> dict[re.Pa
     return schedules
 
 
-def _checktraceable(target: nn.Module, example: Any) -> tp.DependencyGraph:
-    """Build torch-pruning's dependency graph once; on failure, name the innermost module whose forward failed."""
-    for name, module in target.named_modules():
-        if is_chunked_c2f(module):
-            raise MisconfigurationException(
-                f"Expected a model torch-pruning can trace but `{name}` ({type(module).__name__}) splits a conv's "
-                "output with chunk/split, which torch-pruning 1.6 cannot follow. HINT: convert it first with "
-                "`lightning_prune.adapters.convert_c2f(model)` (outputs unchanged)."
-            )
-    entered: list[str] = []
-
-    def push(name: str) -> Any:
-        return lambda *_: entered.append(name)
-
-    def pop(*_: Any) -> None:
-        entered.pop()
-
-    hooks = [
-        h
-        for n, m in target.named_modules()
-        for h in (m.register_forward_pre_hook(push(n)), m.register_forward_hook(pop))
-    ]
-    try:
-        with restored(target), traceable(target):
-            return tp.DependencyGraph().build_dependency(target, example_inputs=example)
-    except Exception as err:
-        where = (
-            f"in module `{entered[-1]}` ({type(target.get_submodule(entered[-1])).__name__})"
-            if entered
-            else ("after the forward pass, while building the graph")
-        )
-        raise MisconfigurationException(
-            f"Expected torch-pruning to trace {type(target).__name__} on its example input but it failed {where}: "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def _check_optimizer(index: int, optimizer: torch.optim.Optimizer) -> None:
     """Refuse optimizers whose state cannot follow pruned parameters (per-parameter state is index-selected)."""
     name = type(optimizer).__name__
@@ -618,73 +546,6 @@ def _check_optimizer(index: int, optimizer: torch.optim.Optimizer) -> None:
             f"{index} is {name}, whose state is {'one flat history' if name == 'LBFGS' else 'sharded across ranks'}. "
             "HINT: use SGD, Adam(W) or another per-parameter optimizer while pruning."
         )
-
-
-def _widths(target: nn.Module) -> dict[str, int]:
-    """Output channels of every conv / linear of ``target``."""
-    widths = {}
-    for name, m in target.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            widths[name] = m.out_channels
-        elif isinstance(m, nn.Linear):
-            widths[name] = m.out_features
-    return widths
-
-
-def _round_kept_up(n_pruned: int, current: int, round_to: int) -> int:
-    """Channels to prune so that the kept count is a multiple of ``round_to`` at or above the asked one (>= 1)."""
-    kept = max(current - n_pruned, 1)
-    return max(current - min(current, math.ceil(kept / round_to) * round_to), 0)
-
-
-def _keep(original: int, current: int, max_ratio: float) -> int:
-    return min(current, max(1, math.ceil(original * (1.0 - max_ratio) - 1e-9)))
-
-
-def _available_ratio(pruner: tp.pruner.BasePruner, widths: dict[int, int], max_ratio: float) -> float:
-    """The largest global ratio that the capped layers allow (torch-pruning prunes at most ``ratio · total + 1``)."""
-    total = available = 0
-    for group in pruner.DG.get_all_groups(
-        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
-    ):
-        root = group[0][0].target.module
-        n = pruner.DG.get_out_channels(root)
-        total += n
-        available += n - _keep(widths.get(id(root), n), n, max_ratio)
-    return max(0.0, (available - 1) / max(total, 1))
-
-
-def _original_widths(target: nn.Module, history: Any) -> dict[int, int]:
-    """Output widths of the layers before the first step: the ``size`` of their first ``"out"`` record."""
-    widths: dict[int, int] = {}
-    for step in history.steps:
-        for record in step:
-            if record["kind"] == "out" and record.get("size") is not None:
-                widths.setdefault(id(target.get_submodule(record["module"])), record["size"])
-    return widths
-
-
-def _output_layers(model: nn.Module, graph: tp.DependencyGraph) -> list[str]:
-    """Convs/linears whose channels reach a model output through no other channel-mixing layer.
-
-    Walks torch-pruning's traced graph back from its outputs through everything that keeps channels apart (reshape,
-    permute, concat, activations, BatchNorm, ...), stopping at the first conv or linear: their widths encode the
-    outputs (anchors × (5 + C), box offsets, DFL bins), even when the head reshapes and concatenates them.
-    """
-    mixing = (nn.modules.conv._ConvNd, nn.Linear)
-    found: dict[int, nn.Module] = {}
-    seen: set[int] = set()
-    stack = [node for node in graph.module2node.values() if not node.outputs]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node.module, mixing):
-            found.setdefault(id(node.module), node.module)
-            continue
-        stack.extend(node.inputs)
-    return [name for name, m in model.named_modules() if id(m) in found]
 
 
 def _scale_lr(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scale: float) -> None:
