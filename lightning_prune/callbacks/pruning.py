@@ -20,6 +20,7 @@ from torch import nn
 from torch_pruning.pruner.importance import Importance
 from typing_extensions import override
 
+from lightning_prune.adapters.c2f import is_chunked_c2f
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_state, set_pruning_root
@@ -177,6 +178,13 @@ class StructuredPruning(pl.Callback):
                         f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
                     )
         if stage == "fit" and self.steps_done < len(self.epochs):
+            for name, module in target.named_modules():
+                if is_chunked_c2f(module):
+                    raise MisconfigurationException(
+                        f"Expected a model torch-pruning can trace but `{name}` ({type(module).__name__}) splits a "
+                        "conv's output with chunk/split, which torch-pruning 1.6 cannot follow. HINT: convert it "
+                        "first with `lightning_prune.adapters.convert_c2f(model)` (outputs unchanged)."
+                    )
             try:
                 graph = check_traceable(target, self._example_input(pl_module, target))
             except ValueError as err:

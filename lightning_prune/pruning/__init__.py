@@ -1,6 +1,10 @@
-"""Structured pruning without the Trainer: schedules, a replayable pruning history, optimizer patching."""
+"""Structured pruning without the Trainer: criteria, calibration, the pruning step, schedules, a replayable history,
+optimizer patching, sparsity regularization."""
 
+from lightning_prune.pruning.calibration import Calibration
+from lightning_prune.pruning.channels import check_traceable, output_layers, prune_channels
 from lightning_prune.pruning.history import PruningHistory, apply_records, group_records, resize_to_state_dict
+from lightning_prune.pruning.importance import IMPORTANCES, ActivationImportance, resolve_importance
 from lightning_prune.pruning.optim import PruningTracker, track_pruning
 from lightning_prune.pruning.schedules import (
     SCHEDULES,
@@ -13,20 +17,30 @@ from lightning_prune.pruning.schedules import (
     resolve_schedule,
     to_torch_pruning_scheduler,
 )
+from lightning_prune.pruning.sparsity import add_l1_subgradient, bn_groups
 
 __all__ = [
+    "IMPORTANCES",
     "SCHEDULES",
+    "ActivationImportance",
+    "Calibration",
     "PruningHistory",
     "PruningTracker",
+    "add_l1_subgradient",
     "apply_records",
+    "bn_groups",
     "build_schedule",
+    "check_traceable",
     "cubic",
     "geometric",
     "group_records",
     "linear",
     "one_shot",
+    "output_layers",
+    "prune_channels",
     "relative_ratios",
     "resize_to_state_dict",
+    "resolve_importance",
     "resolve_schedule",
     "to_torch_pruning_scheduler",
     "track_pruning",

@@ -34,7 +34,6 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.importance import Importance
 
-from lightning_prune.adapters.c2f import is_chunked_c2f
 from lightning_prune.pruning.history import PruningHistory, Record, group_records
 from lightning_prune.pruning.importance import ActivationImportance
 from lightning_prune.pruning.tracing import restored, traceable
@@ -117,13 +116,6 @@ class _CappedImportance:
 
 def check_traceable(target: nn.Module, example: Any) -> tp.DependencyGraph:
     """Build torch-pruning's dependency graph once; on failure, name the innermost module whose forward failed."""
-    for name, module in target.named_modules():
-        if is_chunked_c2f(module):
-            raise ValueError(
-                f"Expected a model torch-pruning can trace but `{name}` ({type(module).__name__}) splits a conv's "
-                "output with chunk/split, which torch-pruning 1.6 cannot follow. HINT: convert it first with "
-                "`lightning_prune.adapters.convert_c2f(model)` (outputs unchanged)."
-            )
     entered: list[str] = []
 
     def push(name: str) -> Any:
