@@ -21,6 +21,14 @@ from torch_pruning.pruner.importance import Importance
 from typing_extensions import override
 
 from lightning_prune.adapters.c2f import is_chunked_c2f
+from lightning_prune.callbacks._modules import (
+    check_patterns_match,
+    compile_pattern,
+    example_from_shape,
+    is_int,
+    resolve_example,
+    resolve_target,
+)
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_state, set_pruning_root
@@ -125,7 +133,7 @@ class StructuredPruning(pl.Callback):
             if schedule != "one_shot":
                 raise ValueError(f"Expected argument `epochs` to be a list of epochs for schedule {schedule!r}.")
             epochs = [0]
-        if not (isinstance(epochs, (list, tuple)) and epochs and all(_is_int(e) and e >= 0 for e in epochs)) or any(
+        if not (isinstance(epochs, (list, tuple)) and epochs and all(is_int(e) and e >= 0 for e in epochs)) or any(
             a >= b for a, b in itertools.pairwise(epochs)
         ):
             raise ValueError(f"Expected argument `epochs` to be strictly increasing ints >= 0 but got {epochs!r}.")
@@ -134,19 +142,19 @@ class StructuredPruning(pl.Callback):
         self.ratios = build_schedule(schedule, 0.5 if reduction is None else reduction, len(epochs))
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
         self.importance = resolve_importance(importance)
-        if round_to is not None and not (_is_int(round_to) and round_to >= 1):
+        if round_to is not None and not (is_int(round_to) and round_to >= 1):
             raise ValueError(f"Expected argument `round_to` to be None or an int >= 1 but got {round_to!r}.")
         if not (isinstance(max_layer_ratio, (int, float)) and 0 < max_layer_ratio <= 1):
             raise ValueError(
                 f"Expected argument `max_layer_ratio` to be a float in (0, 1] but got {max_layer_ratio!r}."
             )
-        if not (_is_int(calibration_batches) and calibration_batches >= 1):
+        if not (is_int(calibration_batches) and calibration_batches >= 1):
             raise ValueError(
                 f"Expected argument `calibration_batches` to be an int >= 1 but got {calibration_batches!r}."
             )
         if lr_scale is not None and not (isinstance(lr_scale, (int, float)) and lr_scale > 0):
             raise ValueError(f"Expected argument `lr_scale` to be None or a float > 0 but got {lr_scale!r}.")
-        self.patterns = [_compile(p) for p in ignored_layers or []]
+        self.patterns = [compile_pattern(p, "ignored_layers") for p in ignored_layers or []]
         self.epochs = list(epochs)
         self.global_pruning = bool(global_pruning)
         self.round_to = round_to
@@ -154,9 +162,7 @@ class StructuredPruning(pl.Callback):
         self.calibration_batches = calibration_batches
         self.lr_scale = lr_scale
         self.submodule = submodule
-        if isinstance(example_input, list) and example_input and all(_is_int(d) and d > 0 for d in example_input):
-            example_input = torch.zeros(example_input)
-        self.example_input = example_input
+        self.example_input = example_from_shape(example_input)
         self.steps_done = 0
         #: per step, ``{layer name: (output channels before, after)}`` of the layers the step narrowed
         self.layer_widths: list[dict[str, tuple[int, int]]] = []
@@ -169,14 +175,8 @@ class StructuredPruning(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target(pl_module)
         self._example_input(pl_module, target)
-        names = [name for name, _ in target.named_modules()]
-        for argument, patterns in (("ignored_layers", self.patterns), ("layer_ratios", list(self.layer_ratios))):
-            for pattern in patterns:
-                if not any(pattern.fullmatch(n) for n in names):
-                    raise MisconfigurationException(
-                        f"Expected every pattern of `{argument}` to match a module name but {pattern.pattern!r} "
-                        f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
-                    )
+        check_patterns_match(target, "ignored_layers", self.patterns)
+        check_patterns_match(target, "layer_ratios", list(self.layer_ratios))
         if stage == "fit" and self.steps_done < len(self.epochs):
             for name, module in target.named_modules():
                 if is_chunked_c2f(module):
@@ -418,29 +418,12 @@ class StructuredPruning(pl.Callback):
         return ratios
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
-        if self.submodule is None:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self.submodule)
-        except AttributeError:
-            raise MisconfigurationException(
-                f"Expected argument `submodule` to name a submodule of {type(pl_module).__name__} but got "
-                f"{self.submodule!r}."
-            ) from None
+        return resolve_target(pl_module, self.submodule)
 
     def _example_input(self, pl_module: pl.LightningModule, target: nn.Module) -> Any:
-        if self.example_input is not None:
-            return self.example_input
-        example = getattr(target, "example_input_array", None)
-        if example is None:
-            example = getattr(pl_module, "example_input_array", None)
-        if example is None:
-            raise MisconfigurationException(
-                f"Expected `{type(pl_module).__name__}.example_input_array` to be set to trace the model for pruning "
-                "but it is None. HINT: set `self.example_input_array = torch.zeros(1, 3, H, W)` in `__init__`, or "
-                "pass `StructuredPruning(example_input=[1, 3, H, W])`."
-            )
-        return example
+        return resolve_example(
+            self.example_input, pl_module, target, "StructuredPruning", "trace the model for pruning"
+        )
 
     def _ignored_layers(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> list[str]:
         """``ignored_layers`` matches and the adapter's output layers (else those found on the traced graph)."""
@@ -537,7 +520,9 @@ def _layer_schedules(layer_ratios: Any, schedule: Any, steps: int) -> dict[re.Pa
                 f"Expected argument `layer_ratios` to map each regex to a ratio in (0, 1) but got {pattern!r}: "
                 f"{ratio!r}."
             )
-        schedules[_compile(pattern, "layer_ratios")] = relative_ratios(build_schedule(schedule, float(ratio), steps))
+        schedules[compile_pattern(pattern, "layer_ratios")] = relative_ratios(
+            build_schedule(schedule, float(ratio), steps)
+        )
     return schedules
 
 
@@ -574,16 +559,3 @@ def _silenced(pl_module: pl.LightningModule) -> Iterator[None]:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
-
-
-def _compile(pattern: Any, argument: str = "ignored_layers") -> re.Pattern[str]:
-    if not isinstance(pattern, str):
-        raise ValueError(f"Expected argument `{argument}` to hold regex strings but got {pattern!r}.")
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"Expected argument `{argument}` to hold valid regexes but got {pattern!r}: {err}.") from None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

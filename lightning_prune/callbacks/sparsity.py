@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,6 +10,14 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from lightning_prune.callbacks._modules import (
+    check_patterns_match,
+    compile_pattern,
+    example_from_shape,
+    is_int,
+    resolve_example,
+    resolve_target,
+)
 from lightning_prune.pruning.checkpoint import pruning_history
 from lightning_prune.pruning.sparsity import SCHEDULES, BNGroup, add_l1_subgradient, bn_groups, gamma_stats, penalty_at
 
@@ -70,9 +77,9 @@ class SparsityRegularization(pl.Callback):
         if schedule not in SCHEDULES:
             raise ValueError(f"Expected argument `schedule` to be one of {list(SCHEDULES)} but got {schedule!r}.")
         for name, value in (("start_epoch", start_epoch), ("warmup_epochs", warmup_epochs)):
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"Expected argument `{name}` to be an int >= 0 but got {value!r}.")
-        if stop_epoch is not None and (not _is_int(stop_epoch) or stop_epoch <= start_epoch):
+        if stop_epoch is not None and (not is_int(stop_epoch) or stop_epoch <= start_epoch):
             raise ValueError(
                 f"Expected argument `stop_epoch` to be None or an int > `start_epoch` ({start_epoch}) but got "
                 f"{stop_epoch!r}."
@@ -82,11 +89,9 @@ class SparsityRegularization(pl.Callback):
         self.penalty, self.schedule = float(penalty), schedule
         self.start_epoch, self.stop_epoch, self.warmup_epochs = start_epoch, stop_epoch, warmup_epochs
         self.group_lasso = bool(group_lasso)
-        self.patterns = [_compile(p) for p in ignored_layers or []]
+        self.patterns = [compile_pattern(p, "ignored_layers") for p in ignored_layers or []]
         self.submodule = submodule
-        if isinstance(example_input, list) and example_input and all(_is_int(d) and d > 0 for d in example_input):
-            example_input = torch.zeros(example_input)
-        self.example_input = example_input
+        self.example_input = example_from_shape(example_input)
         self.groups: list[BNGroup] = []
         self._traced_at = -1  # the number of pruning steps the groups were traced after
         self._last_step = -1
@@ -101,13 +106,7 @@ class SparsityRegularization(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target(pl_module)
-        names = [n for n, _ in target.named_modules()]
-        for pattern in self.patterns:
-            if not any(pattern.fullmatch(n) for n in names):
-                raise MisconfigurationException(
-                    f"Expected every pattern of `ignored_layers` to match a module name but {pattern.pattern!r} "
-                    f"matches none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
-                )
+        check_patterns_match(target, "ignored_layers", self.patterns)
         if stage == "fit":
             self._trace(pl_module)
             if not self.groups:
@@ -149,28 +148,15 @@ class SparsityRegularization(pl.Callback):
         adapter = getattr(target, "adapter", None)
         if hasattr(adapter, "output_layers"):
             ignored += [target.get_submodule(n) for n in adapter.output_layers(target)]
-        example = self.example_input if self.example_input is not None else getattr(target, "example_input_array", None)
-        if example is None:
-            example = getattr(pl_module, "example_input_array", None)
-        if example is None:
-            raise MisconfigurationException(
-                f"Expected `{type(pl_module).__name__}.example_input_array` to be set to find the prunable "
-                "BatchNorms but it is None. HINT: pass `SparsityRegularization(example_input=[1, 3, H, W])`."
-            )
+        example = resolve_example(
+            self.example_input, pl_module, target, "SparsityRegularization", "find the prunable BatchNorms"
+        )
         device = next(target.parameters()).device
         self.groups = bn_groups(target, _to(example, device), ignored)
         self._traced_at = len(pruning_history(pl_module))
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
-        if self.submodule is None:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self.submodule)
-        except AttributeError:
-            raise MisconfigurationException(
-                f"Expected argument `submodule` to name a submodule of {type(pl_module).__name__} but got "
-                f"{self.submodule!r}."
-            ) from None
+        return resolve_target(pl_module, self.submodule)
 
 
 def _to(example: Any, device: torch.device) -> Any:
@@ -179,18 +165,3 @@ def _to(example: Any, device: torch.device) -> Any:
     if isinstance(example, tuple):
         return tuple(_to(e, device) for e in example)
     return example
-
-
-def _compile(pattern: Any) -> re.Pattern[str]:
-    if not isinstance(pattern, str):
-        raise ValueError(f"Expected argument `ignored_layers` to hold regex strings but got {pattern!r}.")
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(
-            f"Expected argument `ignored_layers` to hold valid regexes but got {pattern!r}: {err}."
-        ) from None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,74 @@
+"""What our callbacks share to find their way in a LightningModule: the target submodule, the example input to trace
+with, and the module-name regexes they are configured with. Errors name the argument and the callback."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+
+def resolve_target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
+    """``pl_module`` itself, or its submodule named ``submodule`` (dotted)."""
+    if submodule is None:
+        return pl_module
+    try:
+        return pl_module.get_submodule(submodule)
+    except AttributeError:
+        raise MisconfigurationException(
+            f"Expected argument `submodule` to name a submodule of {type(pl_module).__name__} but got {submodule!r}."
+        ) from None
+
+
+def example_from_shape(example_input: Any) -> Any:
+    """A list of positive ints (a shape, as YAML gives it) becomes a zero tensor; anything else passes through."""
+    if isinstance(example_input, list) and example_input and all(is_int(d) and d > 0 for d in example_input):
+        return torch.zeros(example_input)
+    return example_input
+
+
+def resolve_example(
+    example_input: Any, pl_module: pl.LightningModule, target: nn.Module, callback: str, purpose: str
+) -> Any:
+    """``example_input`` if given, else the target's or the LightningModule's ``example_input_array``."""
+    if example_input is not None:
+        return example_input
+    example = getattr(target, "example_input_array", None)
+    if example is None:
+        example = getattr(pl_module, "example_input_array", None)
+    if example is None:
+        raise MisconfigurationException(
+            f"Expected `{type(pl_module).__name__}.example_input_array` to be set to {purpose} but it is None. "
+            "HINT: set `self.example_input_array = torch.zeros(1, 3, H, W)` in `__init__`, or pass "
+            f"`{callback}(example_input=[1, 3, H, W])`."
+        )
+    return example
+
+
+def compile_pattern(pattern: Any, argument: str) -> re.Pattern[str]:
+    """A regex of module names, or a ``ValueError`` naming ``argument``."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"Expected argument `{argument}` to hold regex strings but got {pattern!r}.")
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"Expected argument `{argument}` to hold valid regexes but got {pattern!r}: {err}.") from None
+
+
+def check_patterns_match(target: nn.Module, argument: str, patterns: list[re.Pattern[str]]) -> None:
+    """Every pattern fully matches some module name of ``target``."""
+    names = [name for name, _ in target.named_modules()]
+    for pattern in patterns:
+        if not any(pattern.fullmatch(n) for n in names):
+            raise MisconfigurationException(
+                f"Expected every pattern of `{argument}` to match a module name but {pattern.pattern!r} matches "
+                f"none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
+            )
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
