@@ -254,7 +254,7 @@ class StructuredPruning(pl.Callback):
                     "resume from a checkpoint written by a run with the same target."
                 )
             self._original = before
-        ratio = relative_ratios(self.ratios)[self.steps_done]  # of the model as it is now
+        ratio = self.step_ratio(pl_module, target, example)  # of the model as it is now
         widths = layer_widths(target)
         calibrated = needs_calibration(self.importance) and (self.metric is not None or ratio > 0 or self.layer_ratios)
         if calibrated:  # every rank, on its own batches; the statistics are averaged across ranks
@@ -288,6 +288,13 @@ class StructuredPruning(pl.Callback):
         self.steps_done += 1
         after = self._stats = model_stats(target, example)
         self._log(trainer, before, after, widths, layer_widths(target))
+
+    def step_ratio(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> float:
+        """The channel ratio of the next step, relative to the model as it is now (the schedule's, by default).
+
+        Equal on every rank (rank 0 then decides which channels). Subclasses derive it from the model.
+        """
+        return relative_ratios(self.ratios)[self.steps_done]
 
     def _decide_and_prune(
         self,

@@ -1,0 +1,69 @@
+"""NetworkSlimming: the global |γ| threshold removes exactly the channels under it, within the per-layer floor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_pruning import FAMILIES, fake_trainer
+from torch import nn
+
+from lightning_prune.callbacks import NetworkSlimming, pruning_history
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def bns(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def test_channels_with_zero_gamma_are_exactly_the_ones_removed():
+    torch.manual_seed(0)
+    model = FAMILIES["yolov3"]()
+    layers = bns(model)
+    for bn in layers.values():
+        bn.weight.data = 0.5 + torch.rand_like(bn.weight)  # all clearly above the threshold
+    # zero two channels in a BatchNorm that no residual add couples (YOLOv3's neck convs)
+    name = next(n for n in layers if n.startswith("neck.") and layers[n].num_features >= 8)
+    layers[name].weight.data[[1, 4]] = 0.0
+    before = {n: bn.num_features for n, bn in layers.items()}
+    callback = NetworkSlimming(threshold=1e-3)
+    callback.on_train_epoch_start(fake_trainer(), model)
+    after = {n: bn.num_features for n, bn in bns(model).items()}
+    assert after[name] == before[name] - 2
+    assert {n for n in before if after[n] != before[n]} == {name}
+    assert callback.threshold_used == [pytest.approx(1e-3)] and len(pruning_history(model)) == 1
+    assert torch.all(bns(model)[name].weight.abs() >= 0.5)  # the survivors are the large ones
+
+
+def test_percentile_threshold_is_capped_and_every_layer_keeps_its_floor():
+    torch.manual_seed(0)
+    model = FAMILIES["yolov8"]()
+    layers = bns(model)
+    for bn in layers.values():
+        bn.weight.data = torch.rand_like(bn.weight)
+    tiny = next(n for n in layers if n.startswith("neck."))
+    layers[tiny].weight.data *= 1e-3  # a layer whose every γ is small: the cap keeps its largest
+    widths = {n: bn.num_features for n, bn in layers.items()}
+    callback = NetworkSlimming(percentile=60, min_channels_ratio=0.25)
+    callback.on_train_epoch_start(fake_trainer(), model)
+    assert callback.threshold_used[0] <= float(layers[tiny].weight.abs().max()) + 1e-12
+    now = {n: bn.num_features for n, bn in bns(model).items()}
+    assert all(now[n] >= math.ceil(widths[n] * 0.25) for n in widths)
+    assert sum(now.values()) < sum(widths.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, r"Expected exactly one of `percentile` and `threshold` but got None and None."),
+        ({"percentile": 50, "threshold": 0.1}, r"Expected exactly one of `percentile` and `threshold`"),
+        ({"percentile": 100}, r"Expected argument `percentile` to be a float in \(0, 100\) but got 100."),
+        ({"threshold": 0}, r"Expected argument `threshold` to be a float > 0 but got 0."),
+        ({"threshold": 0.1, "min_channels_ratio": 1.0}, r"Expected argument `min_channels_ratio` to be a float in"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NetworkSlimming(**kwargs)
