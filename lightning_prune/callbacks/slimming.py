@@ -38,7 +38,8 @@ class NetworkSlimming(StructuredPruning):
             :class:`~lightning_prune.callbacks.StructuredPruning`.
 
     Raises:
-        ValueError: not exactly one of ``percentile`` and ``threshold``, or a value out of range.
+        ValueError: not exactly one of ``percentile`` and ``threshold``, a value out of range, or a channel ratio or
+            MACs/params target given as well.
 
     Example:
         >>> NetworkSlimming(percentile=50).max_layer_ratio
@@ -65,6 +66,13 @@ class NetworkSlimming(StructuredPruning):
             raise ValueError(
                 f"Expected argument `min_channels_ratio` to be a float in (0, 1) but got {min_channels_ratio!r}."
             )
+        given = {k: kwargs.pop(k) for k in ("pruning_ratio", "target_macs_ratio", "target_params_ratio") if k in kwargs}
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"Expected argument `{name}` to be None for NetworkSlimming (the |γ| threshold decides how much "
+                    f"to prune) but got {value!r}. HINT: use StructuredPruning(importance='bn_scale', {name}=...)."
+                )
         epochs = [0] if epochs is None else epochs
         super().__init__(
             importance=tp.importance.BNScaleImportance(normalizer=None),  # raw mean |γ|: comparable to a threshold

@@ -62,6 +62,7 @@ def test_percentile_threshold_is_capped_and_every_layer_keeps_its_floor():
         ({"percentile": 100}, r"Expected argument `percentile` to be a float in \(0, 100\) but got 100."),
         ({"threshold": 0}, r"Expected argument `threshold` to be a float > 0 but got 0."),
         ({"threshold": 0.1, "min_channels_ratio": 1.0}, r"Expected argument `min_channels_ratio` to be a float in"),
+        ({"threshold": 0.1, "target_macs_ratio": 0.5}, r"Expected argument `target_macs_ratio` to be None for Netw"),
     ],
 )
 def test_bad_arguments(kwargs, match):
