@@ -24,6 +24,12 @@ def resolve_target(pl_module: pl.LightningModule, submodule: str | None) -> nn.M
         ) from None
 
 
+def adapter_output_layers(target: nn.Module) -> list[str] | None:
+    """Names of the layers whose width encodes the outputs, from the module's adapter; ``None`` without one."""
+    adapter = getattr(target, "adapter", None)
+    return list(adapter.output_layers(target)) if hasattr(adapter, "output_layers") else None
+
+
 def example_from_shape(example_input: Any) -> Any:
     """A list of positive ints (a shape, as YAML gives it) becomes a zero tensor; anything else passes through."""
     if isinstance(example_input, list) and example_input and all(is_int(d) and d > 0 for d in example_input):

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_prune.adapters.c2f import is_chunked_c2f
 from lightning_prune.callbacks._modules import (
+    adapter_output_layers,
     check_patterns_match,
     compile_pattern,
     example_from_shape,
@@ -189,7 +190,7 @@ class StructuredPruning(pl.Callback):
                 graph = check_traceable(target, self._example_input(pl_module, target))
             except ValueError as err:
                 raise MisconfigurationException(str(err)) from err.__cause__
-            if not self._has_adapter(target):
+            if adapter_output_layers(target) is None:
                 self._graph_outputs = output_layers(target, graph)
             del graph  # it pins traced activations
 
@@ -435,18 +436,15 @@ class StructuredPruning(pl.Callback):
     def _ignored_layers(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> list[str]:
         """``ignored_layers`` matches and the adapter's output layers (else those found on the traced graph)."""
         names = [n for n, _ in target.named_modules() if any(p.fullmatch(n) for p in self.patterns)]
-        if self._has_adapter(target):
-            names += target.adapter.output_layers(target)
+        adapted = adapter_output_layers(target)
+        if adapted is not None:
+            names += adapted
         else:  # found on the traced graph at setup (names do not change with pruning), or now
             if self._graph_outputs is None:
                 with restored(target), traceable(target):
                     self._graph_outputs = output_layers(target, tp.DependencyGraph().build_dependency(target, example))
             names += self._graph_outputs
         return list(dict.fromkeys(names))
-
-    @staticmethod
-    def _has_adapter(target: nn.Module) -> bool:
-        return hasattr(getattr(target, "adapter", None), "output_layers")
 
     def _log(
         self,

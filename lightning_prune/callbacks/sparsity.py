@@ -6,11 +6,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
 from lightning_prune.callbacks._modules import (
+    adapter_output_layers,
     check_patterns_match,
     compile_pattern,
     example_from_shape,
@@ -125,15 +127,11 @@ class SparsityRegularization(pl.Callback):
         penalty = self.penalty_at(trainer.current_epoch)
         if penalty == 0:
             return
-        if len(pruning_history(pl_module)) != self._traced_at:
-            self._trace(pl_module)
-        add_l1_subgradient(self._target(pl_module), self.groups, penalty, self.group_lasso)
+        add_l1_subgradient(self._target(pl_module), self._current_groups(pl_module), penalty, self.group_lasso)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(pruning_history(pl_module)) != self._traced_at:
-            self._trace(pl_module)
-        gammas, shares = gamma_stats(self._target(pl_module), self.groups)
+        gammas, shares = gamma_stats(self._target(pl_module), self._current_groups(pl_module))
         pl_module.log("sparsity/penalty", self.penalty_at(trainer.current_epoch), on_epoch=True)
         for key, value in shares.items():
             pl_module.log(f"sparsity/{key}", value, on_epoch=True)
@@ -142,26 +140,22 @@ class SparsityRegularization(pl.Callback):
             experiment.add_histogram("sparsity/gamma", gammas, global_step=trainer.current_epoch)
 
     # ------------------------------------------------------------------ internals
+    def _current_groups(self, pl_module: pl.LightningModule) -> list[BNGroup]:
+        """The groups, traced again if a pruning step changed the model since."""
+        if len(pruning_history(pl_module)) != self._traced_at:
+            self._trace(pl_module)
+        return self.groups
+
     def _trace(self, pl_module: pl.LightningModule) -> None:
         target = self._target(pl_module)
         ignored = [m for n, m in target.named_modules() if any(p.fullmatch(n) for p in self.patterns)]
-        adapter = getattr(target, "adapter", None)
-        if hasattr(adapter, "output_layers"):
-            ignored += [target.get_submodule(n) for n in adapter.output_layers(target)]
+        ignored += [target.get_submodule(n) for n in adapter_output_layers(target) or []]
         example = resolve_example(
             self.example_input, pl_module, target, "SparsityRegularization", "find the prunable BatchNorms"
         )
         device = next(target.parameters()).device
-        self.groups = bn_groups(target, _to(example, device), ignored)
+        self.groups = bn_groups(target, move_data_to_device(example, device), ignored)
         self._traced_at = len(pruning_history(pl_module))
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:
         return resolve_target(pl_module, self.submodule)
-
-
-def _to(example: Any, device: torch.device) -> Any:
-    if isinstance(example, torch.Tensor):
-        return example.to(device)
-    if isinstance(example, tuple):
-        return tuple(_to(e, device) for e in example)
-    return example
