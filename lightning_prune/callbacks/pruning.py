@@ -6,7 +6,7 @@ import copy
 import itertools
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,6 +33,7 @@ from lightning_prune.callbacks._modules import (
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_state, set_pruning_root
+from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
 from lightning_prune.pruning.history import apply_records
 from lightning_prune.pruning.importance import needs_calibration, resolve_importance
 from lightning_prune.pruning.optim import track_pruning
@@ -81,6 +82,10 @@ class StructuredPruning(pl.Callback):
             through no other conv/linear (reshapes, concats and activations between are followed on the traced graph).
         calibration_batches: training batches that data-dependent criteria (``"taylor"``, ``"hessian"``,
             ``"activation"``, ``"apoz"``) read; every rank reads its own and the statistics are averaged.
+        fold_bias: fold what the removed channels contributed (their mean, over the ``calibration_batches``, at the
+            input of each conv/linear that reads them) into that layer's bias or the BatchNorm after it; exact for
+            channels with BatchNorm γ = 0 read by 1×1 convs or linear layers (see
+            :mod:`lightning_prune.pruning.folding`). Costs the forwards of the calibration batches.
         lr_scale: multiply every learning rate by this after each step (e.g. 0.1 to finetune).
         submodule: dotted name of the submodule to prune; default the whole module.
         example_input: what the pruned module is traced (and its MACs counted) on: a tensor (or tuple of inputs), or
@@ -125,6 +130,7 @@ class StructuredPruning(pl.Callback):
         layer_ratios: dict[str, float] | None = None,
         ignored_layers: list[str] | None = None,
         calibration_batches: int = 8,
+        fold_bias: bool = False,
         lr_scale: float | None = None,
         submodule: str | None = None,
         example_input: Any = None,
@@ -161,6 +167,7 @@ class StructuredPruning(pl.Callback):
         self.round_to = round_to
         self.max_layer_ratio = float(max_layer_ratio)
         self.calibration_batches = calibration_batches
+        self.fold_bias = bool(fold_bias)
         self.lr_scale = lr_scale
         self.submodule = submodule
         self.example_input = example_from_shape(example_input)
@@ -257,9 +264,11 @@ class StructuredPruning(pl.Callback):
             self._original = before
         ratio = self.step_ratio(pl_module, target, example)  # of the model as it is now
         widths = layer_widths(target)
-        calibrated = needs_calibration(self.importance) and (self.metric is not None or ratio > 0 or self.layer_ratios)
-        if calibrated:  # every rank, on its own batches; the statistics are averaged across ranks
-            self._calibrate(trainer, pl_module, target)
+        prunes = self.metric is not None or ratio > 0 or bool(self.layer_ratios)
+        calibrated = needs_calibration(self.importance) and prunes
+        fold = InputMeans(target) if self.fold_bias and prunes else None
+        if calibrated or fold is not None:  # every rank, on its own batches; the statistics are averaged across ranks
+            self._calibrate(trainer, pl_module, target, self.importance if calibrated else None, fold, example)
         records = error = None
         if trainer.is_global_zero and self.metric is not None:  # dry runs, outside the tracker of the real pruning
             try:
@@ -268,11 +277,14 @@ class StructuredPruning(pl.Callback):
                 error = str(err)
         with track_pruning(target) as tracker:
             if trainer.is_global_zero and error is None:  # decide once, apply everywhere
-                records = self._decide_and_prune(trainer, pl_module, target, example, ratio)
+                records = self._decide_and_prune(trainer, pl_module, target, example, ratio, fold)
             if trainer.world_size > 1:
                 records, error = trainer.strategy.broadcast((records, error), src=0)
                 if not trainer.is_global_zero and error is None:
-                    apply_records(target, records, step=self.steps_done)
+                    for record in records:  # in rank 0's order, folding as it did (the DDP re-wrap syncs anyway)
+                        if fold is not None:
+                            fold_removed_inputs(target, [record], fold)
+                        apply_records(target, [record], step=self.steps_done)
             if error is not None:
                 raise MisconfigurationException(error)
         history.append(records or [])
@@ -304,15 +316,22 @@ class StructuredPruning(pl.Callback):
         target: nn.Module,
         example: Any,
         ratio: float,
+        fold: InputMeans | None,
     ) -> list[dict[str, Any]]:
         ignored = self._ignored_layers(pl_module, target, example)
         if ratio <= 0 and not self.layer_ratios:
             return []
         with restored(target, keep_grads=True):
-            return self._prune(target, example, ratio, ignored, pruning_history(pl_module))
+            return self._prune(target, example, ratio, ignored, pruning_history(pl_module), fold)
 
     def _prune(
-        self, target: nn.Module, example: Any, ratio: float, ignored: list[str], history: Any
+        self,
+        target: nn.Module,
+        example: Any,
+        ratio: float,
+        ignored: list[str],
+        history: Any,
+        fold: InputMeans | None = None,
     ) -> list[dict[str, Any]]:
         """Prune ``target`` (the real module or a dry run's copy) by the channel ratio ``ratio``; the records."""
         return prune_channels(
@@ -326,6 +345,7 @@ class StructuredPruning(pl.Callback):
             global_pruning=self.global_pruning,
             max_layer_ratio=self.max_layer_ratio,
             round_to=self.round_to,
+            fold=fold,
         )
 
     def _search_ratio(
@@ -382,29 +402,47 @@ class StructuredPruning(pl.Callback):
                 hi, a_hi = mid, value
         return best[0]
 
-    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module) -> None:
-        """Run ``calibration_batches`` training steps for a data-dependent criterion, logging silenced, on every rank.
+    def _calibrate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        target: nn.Module,
+        importance: Importance | None,
+        fold: InputMeans | None,
+        example: Any,
+    ) -> None:
+        """Run ``calibration_batches`` training steps for a data-dependent criterion and/or the input means of
+        ``fold``, logging silenced, on every rank.
 
         The steps run under the trainer's precision context; BatchNorm statistics are restored afterwards, and under
         DDP the gathered statistics are averaged across ranks (with SyncBatchNorm every rank must run the forwards).
+        Without a training dataloader, the input means are measured on ``example``.
         """
         loader = trainer.train_dataloader
-        if loader is None:
+        if loader is None and importance is not None:
             raise MisconfigurationException(
-                f"Expected a training dataloader to calibrate the data-dependent criterion "
-                f"{type(self.importance).__name__}."
+                f"Expected a training dataloader to calibrate the data-dependent criterion {type(importance).__name__}."
             )
         precision = getattr(trainer, "precision_plugin", None)
-        with _silenced(pl_module), torch.enable_grad(), Calibration(self.importance, target) as calibration:
-            for i, batch in enumerate(loader):
+        with ExitStack() as stack:
+            stack.enter_context(_silenced(pl_module))
+            stack.enter_context(torch.enable_grad() if importance is not None else torch.no_grad())
+            calibration = stack.enter_context(Calibration(importance, target))
+            if fold is not None:
+                stack.enter_context(fold)
+            if loader is None:
+                _forward(target, example)
+            for i, batch in enumerate(loader or []):
                 if i >= self.calibration_batches:
                     break
                 with precision.train_step_context() if precision is not None else nullcontext():
                     out = pl_module.training_step(trainer.strategy.batch_to_device(batch), i)
                 calibration.step(out["loss"] if isinstance(out, dict) else out)
-        tensors = calibration.tensors()
+        tensors = calibration.tensors() + (fold.tensors() if fold is not None else [])
         if trainer.world_size > 1 and tensors:
-            flat = trainer.strategy.reduce(torch.cat([t.detach().flatten().float() for t in tensors]), reduce_op="mean")
+            flat = trainer.strategy.reduce(
+                torch.cat([t.detach().flatten().double() for t in tensors]), reduce_op="mean"
+            )
             offset = 0
             with torch.no_grad():
                 for t in tensors:
@@ -564,3 +602,12 @@ def _silenced(pl_module: pl.LightningModule) -> Iterator[None]:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
+
+
+def _forward(module: nn.Module, example: Any) -> Any:
+    """``module`` called on an example input: a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    if isinstance(example, dict):
+        return module(**example)
+    if isinstance(example, (tuple, list)):
+        return module(*example)
+    return module(example)

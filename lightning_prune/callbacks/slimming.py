@@ -34,8 +34,9 @@ class NetworkSlimming(StructuredPruning):
         threshold: or under this absolute |γ|, > 0.
         min_channels_ratio: fraction of its original channels every layer keeps, in (0, 1).
         epochs: epochs at whose start a step happens (each recomputes the threshold); default ``[0]``.
-        **kwargs: ``round_to``, ``ignored_layers``, ``lr_scale``, ``submodule``, ``example_input`` of
-            :class:`~lightning_prune.callbacks.StructuredPruning`.
+        **kwargs: ``fold_bias`` (default ``True`` here: the constant ``act(β)`` a removed channel still emitted is
+            folded into the layers that read it), ``calibration_batches``, ``round_to``, ``ignored_layers``,
+            ``lr_scale``, ``submodule``, ``example_input`` of :class:`~lightning_prune.callbacks.StructuredPruning`.
 
     Raises:
         ValueError: not exactly one of ``percentile`` and ``threshold``, a value out of range, or a channel ratio or
@@ -74,6 +75,7 @@ class NetworkSlimming(StructuredPruning):
                     f"to prune) but got {value!r}. HINT: use StructuredPruning(importance='bn_scale', {name}=...)."
                 )
         epochs = [0] if epochs is None else epochs
+        kwargs.setdefault("fold_bias", True)
         super().__init__(
             importance=tp.importance.BNScaleImportance(normalizer=None),  # raw mean |γ|: comparable to a threshold
             schedule="linear" if len(epochs) > 1 else "one_shot",

@@ -1,8 +1,9 @@
 """Structured pruning without the Trainer: criteria, calibration, the pruning step, schedules, a replayable history,
-optimizer patching, sparsity regularization."""
+optimizer patching, sparsity regularization, bias folding."""
 
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, output_layers, prune_channels
+from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
 from lightning_prune.pruning.history import PruningHistory, apply_records, group_records, resize_to_state_dict
 from lightning_prune.pruning.importance import IMPORTANCES, ActivationImportance, resolve_importance
 from lightning_prune.pruning.optim import PruningTracker, track_pruning
@@ -24,6 +25,7 @@ __all__ = [
     "SCHEDULES",
     "ActivationImportance",
     "Calibration",
+    "InputMeans",
     "PruningHistory",
     "PruningTracker",
     "add_l1_subgradient",
@@ -32,6 +34,7 @@ __all__ = [
     "build_schedule",
     "check_traceable",
     "cubic",
+    "fold_removed_inputs",
     "geometric",
     "group_records",
     "linear",

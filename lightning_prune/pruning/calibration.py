@@ -40,15 +40,15 @@ class Calibration:
     """Context manager: ``with Calibration(importance, model) as c: c.step(loss)`` once per batch.
 
     Args:
-        importance: the criterion to calibrate (any; those needing nothing make the block a no-op but for the
-            forwards the caller runs).
+        importance: the criterion to calibrate (any, or ``None``; those needing nothing make the block a no-op but
+            for the forwards the caller runs and the buffers it puts back).
         model: the module whose layers the criterion scores.
     """
 
-    def __init__(self, importance: Importance, model: nn.Module) -> None:
+    def __init__(self, importance: Importance | None, model: nn.Module) -> None:
         self.importance, self.model = importance, model
         self.squared = isinstance(importance, tp.importance.GroupHessianImportance)
-        self.backward = needs_gradients(importance)
+        self.backward = importance is not None and needs_gradients(importance)
         self.batches = 0
         self._stack = ExitStack()
         self._buffers: dict[str, torch.Tensor] = {}

@@ -34,6 +34,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner.importance import Importance
 
+from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
 from lightning_prune.pruning.history import PruningHistory, Record, group_records
 from lightning_prune.pruning.importance import ActivationImportance
 from lightning_prune.pruning.tracing import restored, traceable
@@ -51,6 +52,7 @@ def prune_channels(
     global_pruning: bool = True,
     max_layer_ratio: float = 0.95,
     round_to: int | None = None,
+    fold: InputMeans | None = None,
 ) -> list[Record]:
     """Prune ``ratio`` of the channels of ``model`` in place (one step); the step's records.
 
@@ -65,6 +67,8 @@ def prune_channels(
         global_pruning: rank channels across layers, or prune each layer by ``ratio``.
         max_layer_ratio: no layer loses more than this fraction of its original channels.
         round_to: keep channel counts multiples of this (rounded up).
+        fold: input means measured on ``model`` just before: what the removed channels contributed is folded into
+            the layers that read them (:func:`~lightning_prune.pruning.folding.fold_removed_inputs`).
     """
     widths = _original_widths(model, history)
     if isinstance(importance, ActivationImportance):
@@ -88,7 +92,10 @@ def prune_channels(
         pruner.per_step_pruning_ratio = [0.0, min(ratio, _available_ratio(pruner, widths, max_layer_ratio))]
     records: list[Record] = []
     for group in pruner.step(interactive=True):
-        records.extend(group_records(group, model))
+        group_recs = group_records(group, model)
+        if fold is not None:
+            fold_removed_inputs(model, group_recs, fold)
+        records.extend(group_recs)
         group.prune()
     del pruner  # the graph pins traced activations
     return records

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
-from test_pruning import FAMILIES, fake_trainer
+from test_pruning import FAMILIES, fake_trainer, make_trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune.callbacks import NetworkSlimming, pruning_history
 
@@ -68,3 +70,50 @@ def test_percentile_threshold_is_capped_and_every_layer_keeps_its_floor():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NetworkSlimming(**kwargs)
+
+
+class PointwiseClassifier(pl.LightningModule):
+    """1×1 convs with BatchNorm (where folding is exact), a residual add and a linear head; SGD at lr 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8, momentum=0.0), nn.SiLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8, momentum=0.0), nn.SiLU())
+        self.head = nn.Linear(8, 3)
+        self.example_input_array = torch.zeros(1, 3, 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head((x + self.block(x)).mean(dim=(2, 3)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # momentum=0 BatchNorms: nothing changes but pruning
+
+
+@pytest.mark.parametrize("fold_bias", [True, False])
+def test_slimming_in_fit_folds_the_removed_constants(tmp_path, fold_bias):
+    torch.manual_seed(0)
+    module = PointwiseClassifier()
+    with torch.no_grad():
+        for bn in (module.stem[1], module.block[1]):
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+        module.stem[1].weight[[1, 6]] = 0.0  # coupled by the residual add with block's BatchNorm: zeroed in both
+        module.block[1].weight[[1, 6]] = 0.0
+        module.block[1].weight[3] = 0.0  # but not stem's channel 3: the pair's mean |γ| keeps it
+    data = TensorDataset(torch.randn(8, 3, 4, 4), torch.randint(0, 3, (8,)))
+    x = torch.randn(5, 3, 4, 4)
+    module.eval()
+    with torch.no_grad():
+        expected = module(x)
+    trainer = make_trainer(tmp_path, [NetworkSlimming(threshold=1e-6, fold_bias=fold_bias)], max_epochs=1)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    module.eval()
+    assert module.stem[1].num_features == 6 and module.head.in_features == 6
+    with torch.no_grad():
+        error = (module(x) - expected).abs().max()
+    assert (error < 1e-5) if fold_bias else (error > 1e-3)

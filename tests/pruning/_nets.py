@@ -6,20 +6,22 @@ import torch
 from torch import nn
 
 
-def conv_bn(c_in: int, c_out: int, bias: bool = False) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias), nn.BatchNorm2d(c_out), nn.ReLU())
+def conv_bn(c_in: int, c_out: int, bias: bool = False, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=bias), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
 
 
 class ResCatNet(nn.Module):
     """stem → residual block (add) → concat with a branch → fuse → linear head: every coupling kind matters."""
 
-    def __init__(self, width: int = 8, num_classes: int = 5, bias: bool = False) -> None:
+    def __init__(self, width: int = 8, num_classes: int = 5, bias: bool = False, kernel: int = 3) -> None:
         super().__init__()
-        self.stem = conv_bn(3, width, bias)
-        self.a = conv_bn(width, width, bias)
-        self.b = conv_bn(width, width, bias)
-        self.c = conv_bn(width, width, bias)
-        self.fuse = conv_bn(2 * width, 2 * width, bias)
+        self.stem = conv_bn(3, width, bias, kernel)
+        self.a = conv_bn(width, width, bias, kernel)
+        self.b = conv_bn(width, width, bias, kernel)
+        self.c = conv_bn(width, width, bias, kernel)
+        self.fuse = conv_bn(2 * width, 2 * width, bias, kernel)
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
