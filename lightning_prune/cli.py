@@ -2,6 +2,7 @@
 
 Example:
     lightning-prune fit --config recipes/shapes/yolov3-tiny.yaml
+    lightning-prune pipeline --config recipes/shapes/yolov3-slim.yaml
     lightning-prune validate --config recipes/coco/yolov8s.yaml --data.root /data/coco --ckpt_path best.ckpt
 """
 
@@ -67,6 +68,7 @@ class LightningPruneCLI(LightningCLI):
 
 
 BASE_KEY = "_base_"
+PIPELINE_KEY = "pipeline"  # a multi-stage recipe, run by `lightning-prune pipeline` (lightning_prune.pipeline)
 
 
 def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -89,14 +91,17 @@ def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     bases = config.pop(BASE_KEY, [])
     merged: dict[str, Any] = {}
     for base in [bases] if isinstance(bases, str) else bases:
-        merged = _merge(merged, load_recipe(path.parent / base, (*_seen, path)))
-    return _merge(merged, config)
+        merged = merge_configs(merged, load_recipe(path.parent / base, (*_seen, path)))
+    return merge_configs(merged, config)
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` merged over ``base``: mappings key by key (``override`` wins), any other value replaced."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge_configs(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -107,7 +112,13 @@ def expand_configs(argv: list[str]) -> list[str]:
     for arg in it:
         if arg == "--config" or arg.startswith("--config="):
             value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
-            if value is not None and value.endswith((".yaml", ".yml")) and BASE_KEY in (_peek_keys(value)):
+            keys = _peek_keys(value) if value is not None and value.endswith((".yaml", ".yml")) else set()
+            if PIPELINE_KEY in keys:
+                raise ValueError(
+                    f"Expected `--config` to be a single-stage recipe but {value} is a pipeline recipe. "
+                    f"HINT: run `lightning-prune pipeline --config {value}`."
+                )
+            if BASE_KEY in keys:
                 value = yaml.safe_dump(load_recipe(value), sort_keys=False)
             out += ["--config"] + ([] if value is None else [value])
         else:
@@ -125,7 +136,13 @@ def _peek_keys(path: str) -> set[str]:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lightning-prune`` and ``python -m lightning_prune``."""
-    LightningPruneCLI(args=expand_configs(list(sys.argv[1:] if args is None else args)))
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["pipeline"]:
+        from lightning_prune.pipeline import main as run_pipeline  # it builds on this module
+
+        run_pipeline(argv[1:])
+        return
+    LightningPruneCLI(args=expand_configs(argv))
 
 
 if __name__ == "__main__":

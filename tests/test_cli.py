@@ -12,7 +12,9 @@ import yaml
 from lightning_prune.cli import LightningPruneCLI, expand_configs, load_recipe, main
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "_base" not in p.parts)
+ALL_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "_base" not in p.parts)
+PIPELINES = [p for p in ALL_RECIPES if "pipeline" in load_recipe(p)]  # tests/test_pipeline.py
+RECIPES = [p for p in ALL_RECIPES if p not in PIPELINES]
 SHAPES_RECIPES = [p for p in RECIPES if p.parent.name == "shapes"]
 
 
