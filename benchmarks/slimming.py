@@ -1,0 +1,148 @@
+"""Network slimming end to end on the built-in data, and the step-time overhead of SparsityRegularization.
+
+Usage: python benchmarks/slimming.py [--recipe recipes/shapes/yolov3-slim.yaml] [--out DIR] [--steps 12]
+       [extra pipeline arguments, e.g. --baseline CKPT ...]
+
+1. Runs ``lightning-prune pipeline --config RECIPE`` in a subprocess exactly as a user would and reads its report
+   (Baseline / Sparse / Pruned / Finetuned). Targets (issue #4): >= 50% of the parameters removed; mAP50-95 after
+   finetuning >= baseline - 1.0 point; right after pruning >= baseline - 3.0 points.
+2. Times training steps of the recipe's model with and without SparsityRegularization, in one process, the two
+   interleaved run by run (Trainer fits of ``--steps`` batches, the first two of each discarded); target <= 3%.
+
+Writes the section "slimming" of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _results import write_section
+
+from lightning_prune.callbacks import SparsityRegularization
+from lightning_prune.cli import load_recipe
+from lightning_prune.pipeline import split_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StepTimer(pl.Callback):
+    """Wall time of every training batch (forward, backward, optimizer step and the callbacks in between)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def step_overhead(recipe: Path, steps: int, rounds: int = 3) -> tuple[float, float]:
+    """Median step time (s) without and with SparsityRegularization, fits interleaved."""
+    shared, stages = split_recipe(load_recipe(recipe))
+    module_name, _, class_name = shared["model"]["class_path"].rpartition(".")
+    detector = getattr(importlib.import_module(module_name), class_name)
+    size = shared["data"].get("img_size", 320)
+    batch = shared["data"].get("batch_size", 16)
+    penalty = next(
+        c["init_args"] for c in stages["sparsity"]["callbacks"] if c["class_path"].endswith("SparsityRegularization")
+    )
+    g = torch.Generator().manual_seed(0)
+    box = torch.tensor([[0.1, 0.1, 0.6, 0.6]]) * size
+    data = [(torch.rand(3, size, size, generator=g), {"boxes": box, "labels": torch.tensor([0])})] * (batch * steps)
+
+    def collate(items: list) -> tuple[torch.Tensor, list]:
+        images, targets = zip(*items, strict=True)
+        return torch.stack(images), list(targets)
+
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for regularized in (False, True):
+            torch.manual_seed(0)
+            model = detector(**{**shared["model"]["init_args"], "img_size": size})
+            timer = StepTimer()
+            callbacks = [timer] + ([SparsityRegularization(**penalty)] if regularized else [])
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                max_epochs=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+                callbacks=callbacks,
+            )
+            trainer.fit(model, loader)
+            times[regularized] += timer.times[2:]
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/shapes/yolov3-slim.yaml")
+    parser.add_argument("--out", help="pipeline folder (default: a temporary one)")
+    parser.add_argument("--steps", type=int, default=12, help="training batches per timed fit")
+    args, extra = parser.parse_known_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out or tmp)
+        cmd = [sys.executable, "-m", "lightning_prune", "pipeline", "--config", args.recipe, "--out", str(out), *extra]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+            raise SystemExit(f"pipeline failed with exit code {proc.returncode}")
+        rows = json.loads((out / "report.json").read_text())
+        table = (out / "report.md").read_text().strip()
+    by = {r["stage"]: r for r in rows}
+    base, pruned, tuned = by["Baseline"], by["Pruned"], by.get("Finetuned", by["Pruned"])
+    removed = 1 - tuned["params"] / base["params"]
+    drop_pruned = 100 * (base["val/mAP"] - pruned["val/mAP"])
+    drop_tuned = 100 * (base["val/mAP"] - tuned["val/mAP"])
+    plain, regularized = step_overhead(ROOT / args.recipe, args.steps)
+    overhead = regularized / plain - 1
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    body = "\n".join(
+        [
+            f"Command: `lightning-prune pipeline --config {args.recipe}{''.join(' ' + e for e in extra)}` "
+            f"(wall time {wall / 60:.1f} min, all stages, data cache warm).",
+            "",
+            table,
+            "",
+            "| target (issue #4) | measured | |",
+            "| --- | --- | --- |",
+            f"| >= 50% of parameters removed | {removed:.1%} | {verdict(removed >= 0.5)} |",
+            f"| mAP50-95 after finetuning >= baseline - 1.0 | {-drop_tuned:+.2f} points | "
+            f"{verdict(drop_tuned <= 1.0)} |",
+            f"| mAP50-95 right after pruning >= baseline - 3.0 | {-drop_pruned:+.2f} points | "
+            f"{verdict(drop_pruned <= 3.0)} |",
+            f"| SparsityRegularization step time <= +3% | {overhead:+.1%} ({plain * 1e3:.0f} → "
+            f"{regularized * 1e3:.0f} ms per step, median of {args.steps - 2}×3 steps each, interleaved) | "
+            f"{verdict(overhead <= 0.03)} |",
+        ]
+    )
+    write_section("slimming", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
