@@ -530,7 +530,8 @@ if __name__ == "__main__":
     ("strategy", "optimizer", "importance", "prune_kwargs"),
     [
         ("ddp", "sgd", "random", {}),
-        ("ddp", "adamw", "taylor", {}),  # calibration on both ranks, gradients averaged (SyncBatchNorm needs GPUs)
+        # calibration on both ranks, gradients and input means averaged (SyncBatchNorm needs GPUs)
+        ("ddp", "adamw", "taylor", {"fold_bias": True}),
         ("ddp_spawn", "adamw", "random", {"target_macs_ratio": 0.6}),
     ],
 )
