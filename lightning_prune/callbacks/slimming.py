@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch_pruning as tp
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
@@ -41,6 +42,8 @@ class NetworkSlimming(StructuredPruning):
     Raises:
         ValueError: not exactly one of ``percentile`` and ``threshold``, a value out of range, or a channel ratio or
             MACs/params target given as well.
+        MisconfigurationException: at a step, an absolute ``threshold`` above every prunable |γ| (it would remove
+            every channel; the per-layer cap would quietly turn it into the smallest per-layer max).
 
     Example:
         >>> NetworkSlimming(percentile=50).max_layer_ratio
@@ -104,6 +107,12 @@ class NetworkSlimming(StructuredPruning):
         if not scores:
             return 0.0
         flat = torch.cat(scores)
+        if self.threshold is not None and self.threshold > float(flat.max()):
+            raise MisconfigurationException(
+                f"Expected argument `threshold` ({self.threshold}) to leave some channels but every prunable |γ| is "
+                f"under it (the largest is {float(flat.max()):.4g}). HINT: use `percentile`, or a threshold on the "
+                "scale of the trained |γ| (logged as sparsity/gamma_below_* by SparsityRegularization)."
+            )
         wanted = float(torch.quantile(flat, self.percentile / 100)) if self.percentile is not None else self.threshold
         threshold = min(float(wanted), min(layer_max))  # never above a layer's largest |γ|
         self.threshold_used.append(threshold)

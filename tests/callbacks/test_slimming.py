@@ -7,6 +7,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from test_pruning import FAMILIES, fake_trainer, make_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -70,6 +71,16 @@ def test_percentile_threshold_is_capped_and_every_layer_keeps_its_floor():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NetworkSlimming(**kwargs)
+
+
+def test_a_threshold_above_every_gamma_is_refused_at_the_step():
+    model = FAMILIES["yolov3"]()
+    for bn in bns(model).values():
+        bn.weight.data = torch.rand_like(bn.weight)  # |γ| < 1
+    callback = NetworkSlimming(threshold=5.0)
+    with pytest.raises(MisconfigurationException, match=r"Expected argument `threshold` \(5.0\) to leave some chan"):
+        callback.on_train_epoch_start(fake_trainer(), model)
+    assert len(pruning_history(model)) == 0
 
 
 class PointwiseClassifier(pl.LightningModule):
