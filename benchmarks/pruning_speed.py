@@ -152,7 +152,10 @@ def time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int) -> tupl
 
 
 def event_cost(base: YOLOv8, **kwargs: Any) -> float:
-    """Seconds of one ``prune_step`` with an SGD optimizer to patch (calibration excluded: "l2" needs none)."""
+    """Seconds of one ``prune_step`` with an SGD optimizer to patch (calibration excluded: "l2" needs none).
+
+    The callback's ``setup`` (tracing checks, output layers, the unpruned model's stats) runs first, as in ``fit``.
+    """
     model = copy.deepcopy(base).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for p in model.parameters():  # give the optimizer state to carry
@@ -160,6 +163,7 @@ def event_cost(base: YOLOv8, **kwargs: Any) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     callback = StructuredPruning(importance="l2", **kwargs)
+    callback.setup(fake_trainer([optimizer]), model, "fit")
     start = time.perf_counter()
     callback.prune_step(fake_trainer([optimizer]), model)
     return time.perf_counter() - start

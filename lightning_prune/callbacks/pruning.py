@@ -200,6 +200,8 @@ class StructuredPruning(pl.Callback):
             if adapter_output_layers(target) is None:
                 self._graph_outputs = output_layers(target, graph)
             del graph  # it pins traced activations
+            if self._stats is None:  # the first step's "before" (structural: valid until the structure changes)
+                self._stats = model_stats(target, self._example_input(pl_module, target))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -272,7 +274,7 @@ class StructuredPruning(pl.Callback):
         records = error = None
         if trainer.is_global_zero and self.metric is not None:  # dry runs, outside the tracker of the real pruning
             try:
-                ratio = self._search_ratio(trainer, pl_module, target, example)
+                ratio = self._search_ratio(pl_module, target, example, before)
             except _UnreachableTarget as err:  # every rank raises it, none waits in the broadcast
                 error = str(err)
         with track_pruning(target) as tracker:
@@ -349,7 +351,7 @@ class StructuredPruning(pl.Callback):
         )
 
     def _search_ratio(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, example: Any
+        self, pl_module: pl.LightningModule, target: nn.Module, example: Any, before: dict[str, float]
     ) -> float:
         """Search the channel ratio whose dry run leaves the step's fraction of the original MACs/params.
 
@@ -364,7 +366,7 @@ class StructuredPruning(pl.Callback):
 
         def achieved(ratio: float) -> float:
             if ratio == 0.0 and not self.layer_ratios:
-                return model_stats(target, example)[self.metric] / original
+                return before[self.metric] / original
             trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
             with restored(trial, keep_grads=True):
                 self._prune(trial, example, ratio, ignored, history)

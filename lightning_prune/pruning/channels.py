@@ -91,8 +91,9 @@ def prune_channels(
     if global_pruning:
         pruner.per_step_pruning_ratio = [0.0, min(ratio, _available_ratio(pruner, widths, max_layer_ratio))]
     records: list[Record] = []
+    names = {id(m): name for name, m in model.named_modules()}
     for group in pruner.step(interactive=True):
-        group_recs = group_records(group, model)
+        group_recs = group_records(group, model, names)
         if fold is not None:
             fold_removed_inputs(model, group_recs, fold)
         records.extend(group_recs)

@@ -128,16 +128,22 @@ class PruningHistory:
         return cls(state["steps"])
 
 
-def group_records(group: tp.Group, model: nn.Module) -> list[Record]:
+def group_records(group: tp.Group, model: nn.Module, module_names: Mapping[int, str] | None = None) -> list[Record]:
     """The records of one torch-pruning group; call it *before* ``group.prune()`` (sizes are read from the layers).
 
     Couplings that change no layer (element-wise ops, concat/split bookkeeping) are left out.
 
+    Args:
+        group: the group about to be pruned.
+        model: the model it belongs to.
+        module_names: ``{id(module): qualified name}`` of ``model`` (pruning keeps the modules, so one map serves
+            every group of a step); built from ``model`` when not given.
+
     Raises:
         ValueError: a pruned layer or parameter is not part of ``model``.
     """
-    modules = {id(m): name for name, m in model.named_modules()}
-    params = {id(p): name for name, p in model.named_parameters()}
+    modules = module_names if module_names is not None else {id(m): name for name, m in model.named_modules()}
+    params: dict[int, str] | None = None  # pruning replaces parameters: looked up afresh, and only when needed
     records = []
     for dep, idxs in group:
         handler = dep.handler
@@ -148,6 +154,7 @@ def group_records(group: tp.Group, model: nn.Module) -> list[Record]:
         plain = [int(i) for i in tp._helpers.to_plain_idxs(idxs)]
         dim = int(dep.target.pruning_dim)
         if isinstance(target, nn.Parameter):
+            params = params if params is not None else {id(p): name for name, p in model.named_parameters()}
             if id(target) not in params:
                 raise ValueError(f"The pruned parameter {tuple(target.shape)} is not a parameter of the given model.")
             record = {"module": params[id(target)], "kind": "param", "idxs": plain, "size": target.shape[dim]}

@@ -99,7 +99,7 @@ def test_search_leaves_the_real_model_untouched(monkeypatch):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     seen: dict[str, Any] = {}
 
-    def snapshot(self, trainer, pl_module, target, example, ratio):  # replaces the real pruning, after the search
+    def snapshot(self, trainer, pl_module, target, example, ratio, fold):  # replaces the real pruning, after search
         seen["ratio"] = ratio
         seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
         seen["modes"] = {n: m.training for n, m in pl_module.named_modules()}
