@@ -21,7 +21,7 @@ from lightning_prune.callbacks._modules import (
     resolve_target,
 )
 from lightning_prune.pruning.checkpoint import pruning_history
-from lightning_prune.pruning.sparsity import SCHEDULES, BNGroup, add_l1_subgradient, bn_groups, gamma_stats, penalty_at
+from lightning_prune.pruning.sparsity import SCHEDULES, BNGroup, L1Subgradient, bn_groups, gamma_stats, penalty_at
 
 
 class SparsityRegularization(pl.Callback):
@@ -95,6 +95,7 @@ class SparsityRegularization(pl.Callback):
         self.submodule = submodule
         self.example_input = example_from_shape(example_input)
         self.groups: list[BNGroup] = []
+        self._subgradient: L1Subgradient | None = None
         self._traced_at = -1  # the number of pruning steps the groups were traced after
         self._last_step = -1
 
@@ -127,7 +128,9 @@ class SparsityRegularization(pl.Callback):
         penalty = self.penalty_at(trainer.current_epoch)
         if penalty == 0:
             return
-        add_l1_subgradient(self._target(pl_module), self._current_groups(pl_module), penalty, self.group_lasso)
+        self._current_groups(pl_module)  # traced again after a pruning step
+        assert self._subgradient is not None
+        self._subgradient(penalty, self.group_lasso)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,6 +158,7 @@ class SparsityRegularization(pl.Callback):
         )
         device = next(target.parameters()).device
         self.groups = bn_groups(target, move_data_to_device(example, device), ignored)
+        self._subgradient = L1Subgradient(target, self.groups)
         self._traced_at = len(pruning_history(pl_module))
 
     def _target(self, pl_module: pl.LightningModule) -> nn.Module:

@@ -69,35 +69,71 @@ def bn_groups(model: nn.Module, example_input: object, ignored_layers: list[nn.M
     return groups
 
 
-@torch.no_grad()
+class L1Subgradient:
+    """:func:`add_l1_subgradient` for fixed groups, with the indexing worked out once (called every optimizer step).
+
+    A group of one BatchNorm over all its channels (most groups) takes ``λ·sign(γ)`` directly, for L1 and group lasso
+    alike (the norm over one BatchNorm is ``|γ|``); coupled or partial groups go through precomputed indices.
+    Build it again after the model's structure changes.
+
+    Args:
+        model: the model the groups were found on.
+        groups: from :func:`bn_groups`.
+    """
+
+    def __init__(self, model: nn.Module, groups: list[BNGroup]) -> None:
+        self.whole: list[nn.Module] = []
+        self.coupled: list[tuple[int, list[tuple[nn.Module, torch.Tensor, torch.Tensor]]]] = []
+        for group in groups:
+            layers = [(model.get_submodule(name), local, root) for name, local, root in group]
+            bn, local, _ = layers[0]
+            if len(layers) == 1 and local == list(range(bn.weight.numel())):
+                self.whole.append(bn)
+                continue
+            device = bn.weight.device
+            size = 1 + max(max(root) for _, _, root in layers)
+            self.coupled.append(
+                (size, [(m, _index(loc, m.weight), torch.as_tensor(r, device=device)) for m, loc, r in layers])
+            )
+
+    @torch.no_grad()
+    def __call__(self, penalty: float, group_lasso: bool = False) -> None:
+        if penalty == 0:
+            return
+        for bn in self.whole:
+            _grad(bn.weight).add_(torch.sign(bn.weight), alpha=penalty)
+        for size, layers in self.coupled:
+            norms = None
+            if group_lasso:
+                squares = torch.zeros(size, device=layers[0][0].weight.device, dtype=torch.float32)
+                for bn, local, root in layers:
+                    squares.index_add_(0, root, bn.weight[local].float().square())
+                norms = squares.sqrt()
+            for bn, local, root in layers:
+                gamma = bn.weight[local]
+                if norms is None:
+                    step = penalty * torch.sign(gamma)
+                else:
+                    norm = norms[root]
+                    step = penalty * torch.where(norm > 0, gamma.float() / norm.clamp_min(1e-12), 0.0)
+                grad = _grad(bn.weight)
+                grad.index_add_(0, local, step.to(grad.dtype))
+
+
 def add_l1_subgradient(model: nn.Module, groups: list[BNGroup], penalty: float, group_lasso: bool = False) -> None:
     """Add the penalty's subgradient to the γ gradients of the grouped BatchNorms, in place.
 
     L1: ``λ·sign(γ)`` per channel. Group lasso: ``λ·γ / ||γ_·,c||₂`` where the norm runs over the BatchNorms coupled
-    on channel ``c`` of the group (0 where all of them are 0). A γ without a gradient gets one.
+    on channel ``c`` of the group (0 where all of them are 0). A γ without a gradient gets one. Every optimizer step:
+    build an :class:`L1Subgradient` once instead.
     """
-    if penalty == 0:
-        return
-    for group in groups:
-        layers = [(model.get_submodule(name), local, root) for name, local, root in group]
-        norms = None
-        if group_lasso:
-            size = 1 + max(max(root) for _, _, root in layers)
-            squares = torch.zeros(size, device=layers[0][0].weight.device, dtype=torch.float32)
-            for bn, local, root in layers:
-                squares.index_add_(0, _index(root, squares), bn.weight[_index(local, bn.weight)].float().square())
-            norms = squares.sqrt()
-        for bn, local, root in layers:
-            gamma = bn.weight
-            idx = _index(local, gamma)
-            if norms is None:
-                step = penalty * torch.sign(gamma[idx])
-            else:
-                norm = norms[_index(root, norms)]
-                step = penalty * torch.where(norm > 0, gamma[idx].float() / norm.clamp_min(1e-12), 0.0)
-            if gamma.grad is None:
-                gamma.grad = torch.zeros_like(gamma)
-            gamma.grad.index_add_(0, idx, step.to(gamma.grad.dtype))
+    L1Subgradient(model, groups)(penalty, group_lasso)
+
+
+def _grad(param: torch.Tensor) -> torch.Tensor:
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
 
 
 def penalty_at(

@@ -13,8 +13,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from test_pruning import FAMILIES, make_loader, make_trainer
 from torch import nn
 
-import lightning_prune.callbacks.sparsity as sparsity_module
 from lightning_prune.callbacks import SparsityRegularization, StructuredPruning, pruning_history
+from lightning_prune.pruning.sparsity import L1Subgradient
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -59,8 +59,8 @@ def test_one_step_moves_gamma_by_lr_times_penalty_times_sign(tmp_path):
 
 def test_once_per_optimizer_step_with_gradient_accumulation(tmp_path, monkeypatch):
     calls = []
-    original = sparsity_module.add_l1_subgradient
-    monkeypatch.setattr(sparsity_module, "add_l1_subgradient", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = L1Subgradient.__call__
+    monkeypatch.setattr(L1Subgradient, "__call__", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = Tiny()
     trainer = make_trainer(
         tmp_path, [SparsityRegularization(penalty=0.01)], max_epochs=1, limit_train_batches=4, accumulate_grad_batches=2
