@@ -31,9 +31,10 @@ def machine() -> str:
     )
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+def write_section(name: str, body: str, path: Path | None = None) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md (or of ``path``)."""
+    path = RESULTS if path is None else path
+    text = path.read_text() if path.exists() else HEADER
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (
         f"<!-- {name}:start -->\n## {name}\n\n"
@@ -41,4 +42,4 @@ def write_section(name: str, body: str) -> None:
     )
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    path.write_text(text)

@@ -267,11 +267,7 @@ def main(argv: list[str] | None = None) -> str:
             f"The pruning-event rows ran ours with {(args.ours or DEFAULT_OURS)[0] or 'the defaults'}.",
         ]
     )
-    default, _results.RESULTS = _results.RESULTS, args.results
-    try:
-        _results.write_section("pruning_speed", body)
-    finally:
-        _results.RESULTS = default
+    _results.write_section("pruning_speed", body, args.results)
     print(body)
     return body
 

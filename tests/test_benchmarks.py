@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -37,3 +38,16 @@ def test_pruning_speed_quick_writes_its_section(tmp_path):
     for method in ("Torch-Pruning", "Torch-Pruning round_to=8", "ours"):
         assert f"| {method}" in body
     assert "pruning event" in body
+
+
+@pytest.mark.slow
+def test_slimming_writes_its_section(tmp_path):
+    from test_pipeline import tiny  # a 64 px, few-image version of a pipeline recipe
+
+    recipe = tiny(tmp_path, ROOT / "recipes/shapes/yolov3-slim.yaml")
+    results = tmp_path / "RESULTS.md"
+    args = ["--recipe", str(recipe), "--steps", "3", "--results", str(results), "--latency_repeats", "2"]
+    body = load("slimming").main([*args, "--data.root", str(tmp_path / "cache")])
+    assert "<!-- slimming:start -->" in results.read_text()
+    for row in ("| Baseline |", "| Sparse |", "| Pruned |", "| Finetuned |", "without `fold_bias`", "step time"):
+        assert row in body
