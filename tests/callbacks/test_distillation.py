@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -154,3 +158,64 @@ def test_setup_and_fit_start_errors(tmp_path):
     StructuredPruning(pruning_ratio=0.3).on_train_epoch_start(__import__("test_pruning").fake_trainer(), model)
     with pytest.raises(MisconfigurationException, match=r"Expected teacher='self' to start from the unpruned YOLOv3"):
         Distillation().on_fit_start(None, model)
+
+
+def test_mixed_precision_and_gradient_accumulation(tmp_path):
+    pl.seed_everything(0)
+    model = FAMILIES["yolov8"]()
+    distillation = Distillation(teacher="self", schedule="warmup", warmup_epochs=1)
+    losses = StepLosses()
+    trainer = make_trainer(
+        tmp_path, [distillation, losses], max_epochs=2, precision="bf16-mixed", accumulate_grad_batches=2
+    )
+    trainer.fit(model, make_loader())
+    assert distillation.weight_at(0) == 0.0 and distillation.weight_at(1) == 1.0
+    assert [kd is None for _, _, kd in losses.rows] == [True, True, False, False]  # no teacher run at weight 0
+    assert all(torch.isfinite(torch.tensor(r[:2])).all() for r in losses.rows)
+    assert all(p.grad is None for p in distillation.teacher.parameters())
+
+
+DDP_SCRIPT = """
+import json, sys
+import pytorch_lightning as pl
+import torch
+sys.path[:0] = [{root!r}, {here!r}]
+from test_pruning import YOLOv3, make_loader
+from lightning_prune.callbacks import Distillation, StructuredPruning
+
+class Report(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        teacher = distillation.teacher
+        json.dump({{
+            "wrapped": type(trainer.strategy.model).__name__,
+            "teacher_type": type(teacher).__name__,
+            "teacher_grads": [p.grad is not None for p in teacher.parameters()],
+            "teacher": [float(p.double().sum()) for p in teacher.parameters()],
+            "student": [float(p.detach().double().sum()) for p in pl_module.parameters()],
+            "kd": float(trainer.callback_metrics["train/kd_loss"]),
+        }}, open({out!r} + f"/rank{{trainer.global_rank}}.json", "w"))
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    distillation = Distillation(teacher="self")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=2,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir={out!r},
+                         callbacks=[distillation, StructuredPruning(pruning_ratio=0.4, epochs=[1]), Report()])
+    trainer.fit(YOLOv3("tiny", num_classes=2, img_size=64), make_loader(8, 2))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_every_rank_has_the_same_frozen_teacher_and_student(tmp_path):
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "ddp_kd.py"
+    script.write_text(DDP_SCRIPT.format(root=str(here.parents[1]), here=str(here), out=str(tmp_path)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["wrapped"] == "DistributedDataParallel" and rank["teacher_type"] == "YOLOv3"  # never wrapped
+        assert not any(rank["teacher_grads"]) and rank["kd"] > 0
+    assert ranks[0]["teacher"] == ranks[1]["teacher"] and ranks[0]["student"] == ranks[1]["student"]
