@@ -13,10 +13,11 @@ with one section per stage, each merged over the shared config for that stage on
         callbacks: [{class_path: lightning_prune.callbacks.NetworkSlimming, init_args: {percentile: 50}}]
       finetune: {trainer: {max_epochs: 10}, model: {init_args: {lr: 0.0002}}}
 
-``callbacks`` of a stage are added to the shared trainer callbacks. ``baseline`` and ``prune`` are required
-(``--baseline CKPT`` replaces training the baseline); ``sparsity`` and ``finetune`` are optional. Each stage starts
-from the weights the previous one ended with (a fresh optimizer and schedule). ``prune`` trains nothing: its
-callbacks prune at the start of a fit that stops before the first batch.
+``callbacks`` of a stage are added to the shared trainer callbacks. ``{out}`` in a stage's strings is the output
+folder, so that a stage can name an earlier stage's weights (a distillation teacher: ``"{out}/sparsity.ckpt"``).
+``baseline`` and ``prune`` are required (``--baseline CKPT`` replaces training the baseline); ``sparsity`` and
+``finetune`` are optional. Each stage starts from the weights the previous one ended with (a fresh optimizer and
+schedule). ``prune`` trains nothing: its callbacks prune at the start of a fit that stops before the first batch.
 
 Everything goes into ``--out``: each stage's checkpoints (``<stage>/checkpoints``, ``last.ckpt`` among them), its
 final weights (``<stage>.ckpt``), ``pipeline.json`` (stages done, their checkpoints and validation mAP) and the
@@ -95,7 +96,7 @@ def stage_config(shared: dict[str, Any], name: str, section: dict[str, Any], out
     Fit stages checkpoint into ``out/<name>/checkpoints`` (``last.ckpt`` included, for resuming); the prune stage
     runs only its own callbacks, without checkpointing or logging.
     """
-    section = dict(section)
+    section = _with_out(dict(section), str(out))
     extra = list(section.pop("callbacks", []))
     config = merge_configs(shared, section)
     trainer = dict(config.get("trainer") or {})
@@ -117,6 +118,17 @@ def stage_config(shared: dict[str, Any], name: str, section: dict[str, Any], out
         trainer.update(callbacks=callbacks + extra, enable_checkpointing=True)
     config["trainer"] = trainer
     return config
+
+
+def _with_out(value: Any, out: str) -> Any:
+    """``value`` with ``{out}`` replaced by ``out`` in every string inside it."""
+    if isinstance(value, str):
+        return value.replace("{out}", out)
+    if isinstance(value, dict):
+        return {k: _with_out(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_out(v, out) for v in value]
+    return value
 
 
 class _StopBeforeTraining(pl.Callback):

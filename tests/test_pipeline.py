@@ -75,9 +75,12 @@ class Interrupt(pl.Callback):
 
 @pytest.mark.slow
 def test_slimming_pipeline_runs_every_stage_reports_and_resumes(tmp_path: Path, capsys) -> None:
+    """The distillation variant: its finetuning stage is taught by the sparsity stage's weights (``{out}``)."""
     stages = {stage: {"trainer": {"max_epochs": 1}} for stage in ("baseline", "sparsity")}
-    stages["finetune"] = {"trainer": {"max_epochs": 2}, "callbacks": [{"class_path": "test_pipeline.Interrupt"}]}
-    recipe, out = tiny(tmp_path, ROOT / "recipes/shapes/yolov3-slim.yaml", stages), tmp_path / "out"
+    kd = load_recipe(ROOT / "recipes/shapes/yolov3-slim-kd.yaml")["pipeline"]["finetune"]["callbacks"]
+    interrupt = {"class_path": "test_pipeline.Interrupt"}
+    stages["finetune"] = {"trainer": {"max_epochs": 2}, "callbacks": [*kd, interrupt]}
+    recipe, out = tiny(tmp_path, ROOT / "recipes/shapes/yolov3-slim-kd.yaml", stages), tmp_path / "out"
     Interrupt.armed, Interrupt.started = True, []
     with pytest.raises(RuntimeError, match="interrupted"):
         run(recipe, out, tmp_path)
@@ -101,6 +104,9 @@ def test_slimming_pipeline_runs_every_stage_reports_and_resumes(tmp_path: Path, 
     pruned = YOLOv3.load_from_checkpoint(out / "finetune.ckpt", map_location="cpu", weights_only=True)
     assert sum(p.numel() for p in pruned.parameters()) == rows[3]["params"]
     assert torch.load(out / "prune.ckpt", weights_only=True)["state_dict"].keys() == pruned.state_dict().keys()
+    states = torch.load(out / "finetune/checkpoints/last.ckpt", weights_only=True)["callbacks"]
+    teachers = [state["teacher"] for key, state in states.items() if key.startswith("Distillation")]
+    assert teachers == [str(out / "sparsity.ckpt")]  # `{out}` filled in; the teacher loaded from it
 
 
 def test_a_given_baseline_replaces_training_it(tmp_path: Path) -> None:
