@@ -30,9 +30,18 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
-            sys.executable, "-m", "lightning_prune", "fit", "--config", args.recipe,
-            "--trainer.default_root_dir", tmp,
-            "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", tmp,
+            sys.executable,
+            "-m",
+            "lightning_prune",
+            "fit",
+            "--config",
+            args.recipe,
+            "--trainer.default_root_dir",
+            tmp,
+            "--trainer.logger",
+            "pytorch_lightning.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            tmp,
             *overrides,
         ]
         start = time.perf_counter()

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import RESULTS, write_section
+from _timing import interleaved, step_times, synthetic_loader
 
 from lightning_prune.callbacks import SparsityRegularization
 from lightning_prune.cli import load_recipe
@@ -39,59 +39,24 @@ from lightning_prune.pipeline import split_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class StepTimer(pl.Callback):
-    """Wall time of every training batch (forward, backward, optimizer step and the callbacks in between)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-
 def step_overhead(recipe: Path, steps: int, rounds: int = 4) -> tuple[float, float]:
     """Median step time (s) without and with SparsityRegularization, fits interleaved (order alternating)."""
     shared, stages = split_recipe(load_recipe(recipe))
     module_name, _, class_name = shared["model"]["class_path"].rpartition(".")
     detector = getattr(importlib.import_module(module_name), class_name)
     size = shared["data"].get("img_size", 320)
-    batch = shared["data"].get("batch_size", 16)
+    loader = synthetic_loader(size, shared["data"].get("batch_size", 16), steps)
     penalty = next(
         c["init_args"] for c in stages["sparsity"]["callbacks"] if c["class_path"].endswith("SparsityRegularization")
     )
-    g = torch.Generator().manual_seed(0)
-    box = torch.tensor([[0.1, 0.1, 0.6, 0.6]]) * size
-    data = [(torch.rand(3, size, size, generator=g), {"boxes": box, "labels": torch.tensor([0])})] * (batch * steps)
 
-    def collate(items: list) -> tuple[torch.Tensor, list]:
-        images, targets = zip(*items, strict=True)
-        return torch.stack(images), list(targets)
+    def fit(regularized: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = detector(**{**shared["model"]["init_args"], "img_size": size})
+        return step_times(model, [SparsityRegularization(**penalty)] if regularized else [], loader)
 
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for round_ in range(rounds):
-        for regularized in (False, True) if round_ % 2 == 0 else (True, False):
-            torch.manual_seed(0)
-            model = detector(**{**shared["model"]["init_args"], "img_size": size})
-            timer = StepTimer()
-            callbacks = [timer] + ([SparsityRegularization(**penalty)] if regularized else [])
-            trainer = pl.Trainer(
-                accelerator="cpu",
-                max_epochs=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                limit_val_batches=0,
-                callbacks=callbacks,
-            )
-            trainer.fit(model, loader)
-            times[regularized] += timer.times[2:]
-    return statistics.median(times[False]), statistics.median(times[True])
+    samples = interleaved({"plain": lambda: fit(False), "regularized": lambda: fit(True)}, rounds)
+    return statistics.median(samples["plain"]), statistics.median(samples["regularized"])
 
 
 def run_pipeline(recipe: str | Path, out: Path, *extra: str) -> tuple[list[dict[str, Any]], str, float]:
@@ -137,6 +102,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--recipe", default="recipes/shapes/yolov3-slim.yaml")
     parser.add_argument("--out", help="pipeline folder (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=12, help="training batches per timed fit")
+    parser.add_argument("--rounds", type=int, default=4, help="timed fits per variant, interleaved")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
     args, extra = parser.parse_known_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     removed = 1 - tuned["params"] / base["params"]
     drop_pruned = 100 * (base["val/mAP"] - pruned["val/mAP"])
     drop_tuned = 100 * (base["val/mAP"] - tuned["val/mAP"])
-    plain, regularized = step_overhead(ROOT / args.recipe, args.steps)
+    plain, regularized = step_overhead(ROOT / args.recipe, args.steps, args.rounds)
     overhead = regularized / plain - 1
 
     def verdict(ok: bool) -> str:
@@ -172,7 +138,7 @@ def main(argv: list[str] | None = None) -> str:
             f"| mAP50-95 right after pruning >= baseline - 3.0 | {-drop_pruned:+.2f} points | "
             f"{verdict(drop_pruned <= 3.0)} |",
             f"| SparsityRegularization step time <= +3% | {overhead:+.1%} ({plain * 1e3:.0f} → "
-            f"{regularized * 1e3:.0f} ms per step, median of {args.steps - 2}×4 steps each, interleaved) | "
+            f"{regularized * 1e3:.0f} ms per step, median of {args.steps - 2}×{args.rounds} steps each, interleaved) | "
             f"{verdict(overhead <= 0.03)} |",
         ]
     )

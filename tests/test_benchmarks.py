@@ -46,8 +46,32 @@ def test_slimming_writes_its_section(tmp_path):
 
     recipe = tiny(tmp_path, ROOT / "recipes/shapes/yolov3-slim.yaml")
     results = tmp_path / "RESULTS.md"
-    args = ["--recipe", str(recipe), "--steps", "3", "--results", str(results), "--latency_repeats", "2"]
+    args = [
+        "--recipe",
+        str(recipe),
+        "--steps",
+        "3",
+        "--rounds",
+        "1",
+        "--results",
+        str(results),
+        "--latency_repeats",
+        "2",
+    ]
     body = load("slimming").main([*args, "--data.root", str(tmp_path / "cache")])
     assert "<!-- slimming:start -->" in results.read_text()
     for row in ("| Baseline |", "| Sparse |", "| Pruned |", "| Finetuned |", "without `fold_bias`", "step time"):
+        assert row in body
+
+
+@pytest.mark.slow
+def test_distillation_writes_its_section(tmp_path):
+    from test_pipeline import tiny
+
+    recipe = tiny(tmp_path, ROOT / "recipes/shapes/yolov3-slim.yaml")
+    results = tmp_path / "RESULTS.md"
+    args = ["--recipe", str(recipe), "--seeds", "0", "--finetune_epochs", "1", "--steps", "3", "--rounds", "1"]
+    body = load("distillation").main([*args, "--results", str(results), "--data.root", str(tmp_path / "cache")])
+    assert "<!-- distillation:start -->" in results.read_text()
+    for row in ("| without KD |", "| with FM-NMS KD |", "KD >= no KD + 0.5 point", "teacher forward"):
         assert row in body

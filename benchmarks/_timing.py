@@ -1,0 +1,64 @@
+"""Training-step timing shared by the benchmarks: per-batch wall times of real Trainer fits on synthetic data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+
+class StepTimer(pl.Callback):
+    """Wall time of every training batch (forward, backward, optimizer step and the callbacks in between)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def synthetic_loader(size: int, batch: int, steps: int) -> torch.utils.data.DataLoader:
+    """``steps`` batches of random images with one box each (timing only)."""
+    g = torch.Generator().manual_seed(0)
+    box = torch.tensor([[0.1, 0.1, 0.6, 0.6]]) * size
+    data = [(torch.rand(3, size, size, generator=g), {"boxes": box, "labels": torch.tensor([0])})] * (batch * steps)
+
+    def collate(items: list) -> tuple[torch.Tensor, list]:
+        images, targets = zip(*items, strict=True)
+        return torch.stack(images), list(targets)
+
+    return torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
+
+
+def step_times(model: pl.LightningModule, callbacks: list[pl.Callback], loader: Any, skip: int = 2) -> list[float]:
+    """Per-batch seconds of one epoch of ``model`` on ``loader`` with ``callbacks``, the first ``skip`` dropped."""
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[*callbacks, timer],
+    )
+    trainer.fit(model, loader)
+    return timer.times[skip:]
+
+
+def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+    """Run every variant once per round, the order reversed every other round; all the samples per variant."""
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            samples[name] += variants[name]()
+    return samples
