@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> str:
     args, extra = parser.parse_known_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
+        state = out / "pipeline.json"
+        skipped = list(json.loads(state.read_text())["stages"]) if state.is_file() else []
         rows, table, wall = run_pipeline(args.recipe, out, *extra)
         unfolded = pruned_without_folding(ROOT / args.recipe, out, _without_baseline(extra))
     by = {r["stage"]: r for r in rows}
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> str:
     body = "\n".join(
         [
             f"Command: `lightning-prune pipeline --config {args.recipe}{''.join(' ' + e for e in extra)}` "
-            f"(wall time {wall / 60:.1f} min, all stages, data cache warm).",
+            f"(wall time {wall / 60:.1f} min, "
+            + (f"resumed: the stages {', '.join(skipped)} were done by an earlier run" if skipped else "all stages")
+            + ", data cache warm).",
             "",
             table,
             "",

@@ -35,9 +35,10 @@ class NetworkSlimming(StructuredPruning):
         threshold: or under this absolute |γ|, > 0.
         min_channels_ratio: fraction of its original channels every layer keeps, in (0, 1).
         epochs: epochs at whose start a step happens (each recomputes the threshold); default ``[0]``.
-        **kwargs: ``fold_bias`` (default ``True`` here: the constant ``act(β)`` a removed channel still emitted is
-            folded into the layers that read it), ``calibration_batches``, ``round_to``, ``ignored_layers``,
-            ``lr_scale``, ``submodule``, ``example_input`` of :class:`~lightning_prune.callbacks.StructuredPruning`.
+        fold_bias: fold the constant ``act(β)`` a removed channel still emitted into the layers that read it
+            (:class:`~lightning_prune.callbacks.StructuredPruning`'s option, on by default here).
+        **kwargs: ``calibration_batches``, ``round_to``, ``ignored_layers``, ``lr_scale``, ``submodule``,
+            ``example_input`` of :class:`~lightning_prune.callbacks.StructuredPruning`.
 
     Raises:
         ValueError: not exactly one of ``percentile`` and ``threshold``, a value out of range, or a channel ratio or
@@ -56,6 +57,7 @@ class NetworkSlimming(StructuredPruning):
         threshold: float | None = None,
         min_channels_ratio: float = 0.1,
         epochs: list[int] | None = None,
+        fold_bias: bool = True,
         **kwargs: Any,
     ) -> None:
         if (percentile is None) == (threshold is None):
@@ -78,13 +80,13 @@ class NetworkSlimming(StructuredPruning):
                     f"to prune) but got {value!r}. HINT: use StructuredPruning(importance='bn_scale', {name}=...)."
                 )
         epochs = [0] if epochs is None else epochs
-        kwargs.setdefault("fold_bias", True)
         super().__init__(
             importance=tp.importance.BNScaleImportance(normalizer=None),  # raw mean |γ|: comparable to a threshold
             schedule="linear" if len(epochs) > 1 else "one_shot",
             epochs=epochs,
             max_layer_ratio=1.0 - float(min_channels_ratio),
             global_pruning=True,
+            fold_bias=fold_bias,
             **kwargs,
         )
         self.percentile, self.threshold = percentile, threshold

@@ -128,3 +128,13 @@ def test_slimming_in_fit_folds_the_removed_constants(tmp_path, fold_bias):
     with torch.no_grad():
         error = (module(x) - expected).abs().max()
     assert (error < 1e-5) if fold_bias else (error > 1e-3)
+
+
+def test_yaml_instantiation_keeps_the_slimming_defaults():
+    """jsonargparse passes the parent's defaults for ``**kwargs`` explicitly: slimming's own must be parameters."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(NetworkSlimming, "slimming")
+    callback = parser.instantiate_classes(parser.parse_object({"slimming": {"percentile": 50}})).slimming
+    assert callback.fold_bias is True and callback.max_layer_ratio == 0.9 and callback.global_pruning
