@@ -113,3 +113,19 @@ def test_a_layer_with_neither_bias_nor_batchnorm_after_is_left_alone():
     records = [{"module": "2", "kind": "in", "idxs": [1], "size": 4}]
     assert fold_removed_inputs(net, records, measured) == []
     assert torch.equal(net[2].weight, before)
+
+
+def test_only_constant_channels_are_folded():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        net[1].bias.normal_()
+        net[1].weight[0] = 0.0  # channel 0 constant; channel 1 varies
+    with InputMeans(net) as measured, torch.no_grad():
+        net(torch.randn(4, 3, 6, 6))
+    bias = net[3].bias.detach().clone()
+    expected = bias + net[3].weight.detach()[:, 0, 0, 0] * measured.means["3"][0].float()
+    assert fold_removed_inputs(net, [{"module": "3", "kind": "in", "idxs": [0, 1], "size": 4}], measured) == ["3"]
+    torch.testing.assert_close(net[3].bias.detach(), expected)  # channel 1's mean was not folded
+    assert measured.means["3"].shape == measured.squares["3"].shape == (2,)  # the remaining inputs
+    assert fold_removed_inputs(net, [{"module": "3", "kind": "in", "idxs": [1], "size": 2}], measured) == []
