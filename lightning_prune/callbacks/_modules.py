@@ -11,6 +11,8 @@ import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_prune.pruning.sparsity import SCHEDULES
+
 
 def resolve_target(pl_module: pl.LightningModule, submodule: str | None) -> nn.Module:
     """``pl_module`` itself, or its submodule named ``submodule`` (dotted)."""
@@ -78,3 +80,24 @@ def check_patterns_match(target: nn.Module, argument: str, patterns: list[re.Pat
 
 def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_epoch_schedule(schedule: Any, start_epoch: Any, stop_epoch: Any, warmup_epochs: Any) -> None:
+    """Check the arguments of a weight schedule over epochs (:func:`~lightning_prune.pruning.sparsity.penalty_at`).
+
+    Raises:
+        ValueError: an unknown schedule, a negative or non-int epoch, ``stop_epoch <= start_epoch``, or no
+            ``stop_epoch`` for a decaying schedule.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Expected argument `schedule` to be one of {list(SCHEDULES)} but got {schedule!r}.")
+    for name, value in (("start_epoch", start_epoch), ("warmup_epochs", warmup_epochs)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"Expected argument `{name}` to be an int >= 0 but got {value!r}.")
+    if stop_epoch is not None and (not is_int(stop_epoch) or stop_epoch <= start_epoch):
+        raise ValueError(
+            f"Expected argument `stop_epoch` to be None or an int > `start_epoch` ({start_epoch}) but got "
+            f"{stop_epoch!r}."
+        )
+    if schedule in ("linear", "cosine") and stop_epoch is None:
+        raise ValueError(f"Expected argument `stop_epoch` to be set for schedule {schedule!r} but got None.")

@@ -15,10 +15,10 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_prune.callbacks._modules import is_int
+from lightning_prune.callbacks._modules import check_epoch_schedule
 from lightning_prune.losses import fm_nms_loss, hinton_detection_loss
 from lightning_prune.pruning.checkpoint import pruning_history
-from lightning_prune.pruning.sparsity import SCHEDULES, penalty_at
+from lightning_prune.pruning.sparsity import penalty_at
 
 LOSSES = ("fm_nms", "hinton")
 _TEACHER_FILE = "distillation_teacher.pt"
@@ -93,18 +93,7 @@ class Distillation(pl.Callback):
             raise ValueError(f"Expected argument `weight` to be a float >= 0 but got {weight!r}.")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"Expected argument `temperature` to be a float > 0 but got {temperature!r}.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"Expected argument `schedule` to be one of {list(SCHEDULES)} but got {schedule!r}.")
-        for name, value in (("start_epoch", start_epoch), ("warmup_epochs", warmup_epochs)):
-            if not is_int(value) or value < 0:
-                raise ValueError(f"Expected argument `{name}` to be an int >= 0 but got {value!r}.")
-        if stop_epoch is not None and (not is_int(stop_epoch) or stop_epoch <= start_epoch):
-            raise ValueError(
-                f"Expected argument `stop_epoch` to be None or an int > `start_epoch` ({start_epoch}) but got "
-                f"{stop_epoch!r}."
-            )
-        if schedule in ("linear", "cosine") and stop_epoch is None:
-            raise ValueError(f"Expected argument `stop_epoch` to be set for schedule {schedule!r} but got None.")
+        check_epoch_schedule(schedule, start_epoch, stop_epoch, warmup_epochs)
         self.teacher_source = str(teacher)
         self.teacher_class = teacher_class
         self.loss, self.weight, self.temperature = loss, float(weight), float(temperature)

@@ -13,15 +13,15 @@ from typing_extensions import override
 
 from lightning_prune.callbacks._modules import (
     adapter_output_layers,
+    check_epoch_schedule,
     check_patterns_match,
     compile_pattern,
     example_from_shape,
-    is_int,
     resolve_example,
     resolve_target,
 )
 from lightning_prune.pruning.checkpoint import pruning_history
-from lightning_prune.pruning.sparsity import SCHEDULES, BNGroup, L1Subgradient, bn_groups, gamma_stats, penalty_at
+from lightning_prune.pruning.sparsity import BNGroup, L1Subgradient, bn_groups, gamma_stats, penalty_at
 
 
 class SparsityRegularization(pl.Callback):
@@ -76,18 +76,7 @@ class SparsityRegularization(pl.Callback):
         super().__init__()
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0:
             raise ValueError(f"Expected argument `penalty` to be a float >= 0 but got {penalty!r}.")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"Expected argument `schedule` to be one of {list(SCHEDULES)} but got {schedule!r}.")
-        for name, value in (("start_epoch", start_epoch), ("warmup_epochs", warmup_epochs)):
-            if not is_int(value) or value < 0:
-                raise ValueError(f"Expected argument `{name}` to be an int >= 0 but got {value!r}.")
-        if stop_epoch is not None and (not is_int(stop_epoch) or stop_epoch <= start_epoch):
-            raise ValueError(
-                f"Expected argument `stop_epoch` to be None or an int > `start_epoch` ({start_epoch}) but got "
-                f"{stop_epoch!r}."
-            )
-        if schedule in ("linear", "cosine") and stop_epoch is None:
-            raise ValueError(f"Expected argument `stop_epoch` to be set for schedule {schedule!r} but got None.")
+        check_epoch_schedule(schedule, start_epoch, stop_epoch, warmup_epochs)
         self.penalty, self.schedule = float(penalty), schedule
         self.start_epoch, self.stop_epoch, self.warmup_epochs = start_epoch, stop_epoch, warmup_epochs
         self.group_lasso = bool(group_lasso)
