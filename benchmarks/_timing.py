@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -62,3 +65,14 @@ def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> 
         for name in names if round_ % 2 == 0 else names[::-1]:
             samples[name] += variants[name]()
     return samples
+
+
+def run_command(cmd: list[str], cwd: Path, what: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``cmd`` as a user would (a subprocess); its result and wall time in s. A failure prints its output tail."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+        raise SystemExit(f"{what} failed with exit code {proc.returncode}")
+    return proc, wall

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import write_section
+from _timing import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +43,7 @@ def main() -> None:
             tmp,
             *overrides,
         ]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        if proc.returncode:
-            sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-            raise SystemExit(f"quickstart failed with exit code {proc.returncode}")
+        proc, wall = run_command(cmd, ROOT, "quickstart")
         rows = list(csv.DictReader(next(Path(tmp).rglob("metrics.csv")).open()))
     curve = [(int(r["epoch"]), float(r["val/mAP50"]), float(r["val/mAP"])) for r in rows if r.get("val/mAP50")]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("[lightning-prune]")]

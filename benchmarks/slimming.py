@@ -18,7 +18,6 @@ import argparse
 import importlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import RESULTS, write_section
-from _timing import step_times, synthetic_loader
+from _timing import run_command, step_times, synthetic_loader
 
 from lightning_prune.callbacks import SparsityRegularization
 from lightning_prune.cli import load_recipe
@@ -96,12 +95,7 @@ def step_overhead(recipe: Path, steps: int, rounds: int = 6) -> dict[str, float]
 def run_pipeline(recipe: str | Path, out: Path, *extra: str) -> tuple[list[dict[str, Any]], str, float]:
     """``lightning-prune pipeline`` in a subprocess: the report's rows, its markdown, the wall time in s."""
     cmd = [sys.executable, "-m", "lightning_prune", "pipeline", "--config", str(recipe), "--out", str(out), *extra]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-        raise SystemExit(f"pipeline failed with exit code {proc.returncode}")
+    _, wall = run_command(cmd, ROOT, "pipeline")
     return json.loads((out / "report.json").read_text()), (out / "report.md").read_text().strip(), wall
 
 
