@@ -3,6 +3,7 @@ with, and the module-name regexes they are configured with. Errors name the argu
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -24,6 +25,17 @@ def resolve_target(pl_module: pl.LightningModule, submodule: str | None) -> nn.M
         raise MisconfigurationException(
             f"Expected argument `submodule` to name a submodule of {type(pl_module).__name__} but got {submodule!r}."
         ) from None
+
+
+def copy_module(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """A deep copy of the module without its Trainer, and without the hooks and the wrapped ``training_step`` that
+    callbacks put on it."""
+    memo = {id(getattr(pl_module, "_trainer", None)): None}
+    copied = copy.deepcopy(pl_module, memo)
+    copied._forward_hooks.clear()
+    copied._forward_hooks_with_kwargs.clear()
+    copied.__dict__.pop("training_step", None)
+    return copied
 
 
 def adapter_output_layers(target: nn.Module) -> list[str] | None:

@@ -253,6 +253,19 @@ class DetectionDataModule(pl.LightningDataModule):
         dataset = self._require(self.val_dataset, "validate")
         return self._loader(_TransformedDataset(dataset, detection_transforms(self.img_size)), shuffle=False)
 
+    def calibration_images(self, limit: int) -> list[Tensor]:
+        """The first ``limit`` training images, one (1, 3, S, S) batch each, prepared as for validation (letterbox
+        only, no augmentation): what INT8 calibration and data-free checks should see.
+
+        Raises:
+            ValueError: ``limit`` < 1.
+        """
+        if not (isinstance(limit, int) and limit >= 1):
+            raise ValueError(f"Expected argument `limit` to be an int >= 1 but got {limit!r}.")
+        dataset = self._require(self.train_dataset, "fit")
+        transforms = detection_transforms(self.img_size)
+        return [transforms(*dataset.load(i))[0][None] for i in range(min(limit, len(dataset)))]
+
     @override
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ from torch import nn
 from lightning_prune.pruning.history import PruningHistory
 
 CHECKPOINT_KEY = "lightning_prune"
+CLASS_KEY = "lightning_prune_class"  # the class path of the module that saved the checkpoint (any pruning or none)
 _EXTRA_STATE_KEY = "_extra_state"  # torch's key for `get_extra_state()` in a state dict
 _HISTORY_ATTR = "_lightning_prune_history"
 _ROOT_ATTR = "_lightning_prune_submodule"
@@ -97,6 +99,24 @@ def restore_pruning_state(module: nn.Module, checkpoint: dict[str, Any]) -> int:
     return len(stored) - done
 
 
+def class_path(module: nn.Module) -> str:
+    """``package.module.ClassName`` of ``module``'s class: what :func:`import_class` imports back."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_class(path: str, argument: str) -> type:
+    """The class a dotted ``path`` names; a ``ValueError`` naming ``argument`` when it cannot be imported."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"Expected argument `{argument}` to be an importable class path but got {path!r}.") from err
+    if not isinstance(cls, type):
+        raise ValueError(f"Expected argument `{argument}` to be an importable class path but got {path!r}.")
+    return cls
+
+
 class PrunableMixin:
     """Give a ``LightningModule`` pruned checkpoints: replays the stored pruning history before the strict load.
 
@@ -137,6 +157,7 @@ class PrunableMixin:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
         assert isinstance(self, nn.Module)
         save_pruning_state(self, checkpoint)
+        checkpoint[CLASS_KEY] = class_path(self)  # so that a checkpoint alone can be exported
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         assert isinstance(self, nn.Module)

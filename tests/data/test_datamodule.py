@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_prune.data import DetectionDataModule, coco_to_yolo, generate_shapes
+from lightning_prune.data.transforms import detection_transforms
 
 TINY = {"num_train": 6, "num_val": 4, "img_size": 64, "batch_size": 3, "num_workers": 0}
 
@@ -203,3 +204,14 @@ def test_trainer_integration(tmp_path):
     trainer.fit(model, datamodule=dm)
     assert model.head.out_features == 4
     assert trainer.state.finished
+
+
+def test_calibration_images_are_the_first_training_images_letterboxed(tmp_path):
+    dm = DetectionDataModule(root=str(tmp_path), **{**TINY, "augment": True})
+    images = dm.calibration_images(3)
+    assert len(images) == 3 and all(x.shape == (1, 3, dm.img_size, dm.img_size) for x in images)
+    first = detection_transforms(dm.img_size)(*dm.train_dataset.load(0))[0]
+    assert torch.equal(images[0][0], first)  # no augmentation, whatever `augment` says
+    assert len(dm.calibration_images(10_000)) == len(dm.train_dataset)
+    with pytest.raises(ValueError, match=r"Expected argument `limit` to be an int >= 1 but got 0."):
+        dm.calibration_images(0)
