@@ -211,8 +211,7 @@ class CompressionReport(pl.Callback):
         if self.int8:
             calibration = _calibration_images(trainer, self.calibration_images)
         self.rows = compression_report(
-            self._original,
-            compressed,
+            {"Original": self._original, "Compressed": compressed},
             self._example,
             dataloader=dataloader,
             postprocess=compressed.postprocess,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,7 @@ _RUNTIME_LABELS = {"cpu": "CPU", "ort": "ORT", "cuda": "CUDA"}
 
 
 def compression_report(
-    original: nn.Module,
-    compressed: nn.Module,
+    models: Mapping[str, nn.Module],
     example_input: torch.Tensor,
     *,
     dataloader: Iterable[Any] | None = None,
@@ -46,30 +45,28 @@ def compression_report(
     int8: bool = False,
     calibration: Iterable[torch.Tensor] | None = None,
     calibration_method: str = "entropy",
-    names: tuple[str, str] = ("Original", "Compressed"),
     warmup: int = 3,
     repeats: int = 20,
     limit_val_batches: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure ``original`` and ``compressed`` (and an INT8 version of ``compressed``) side by side.
+    """Measure ``models`` (the original first, the most compressed last) side by side, one row each.
 
-    Neither model is modified: latencies are taken on eval-mode (fused) copies, ONNX files are exported from copies.
+    No model is modified: latencies are taken on eval-mode (fused) copies, ONNX files are exported from copies.
 
     Args:
-        original: the model before compression.
-        compressed: the model after (same input and output layout).
+        models: ``{row name: model}`` in table order, with the same input and output layout; the first row is the
+            reference of the summary lines.
         example_input: one input (1, 3, S, S): its resolution is what is measured; batches of ``batch_sizes`` are
             made from random images of that size.
         dataloader: validation batches ``(images, targets)`` for mAP; ``None``: no mAP columns.
-        postprocess: the raw output's decoding and NMS; default ``compressed.postprocess`` (our detectors).
+        postprocess: the raw output's decoding and NMS; default the last model's ``postprocess`` (our detectors).
         out_dir: where the ONNX files go (``<name>.onnx``, ``<name>.int8.onnx``); needed for ``ort`` and ``int8``.
         batch_sizes: the batch sizes timed.
         runtimes: among ``cpu``, ``ort``, ``cuda``; default ``cpu``, plus ``ort`` when the ``export`` extra is
             installed and ``out_dir`` is given, plus ``cuda`` when a GPU is present.
-        int8: add a row for ``compressed`` quantized to INT8 (ONNX Runtime static quantization, QDQ).
+        int8: add a row ``"<last name> INT8"``: the last model quantized by ONNX Runtime (static, QDQ).
         calibration: image batches for the INT8 calibration (required with ``int8``).
         calibration_method: ``entropy`` (KL divergence), ``minmax`` or ``percentile``.
-        names: the row names of the two models; the INT8 row is ``"<compressed name> INT8"``.
         warmup: untimed rounds per latency measurement.
         repeats: timed rounds per latency measurement.
         limit_val_batches: evaluate mAP on the first batches only.
@@ -80,21 +77,24 @@ def compression_report(
         not measured for that row), ``mAP`` and ``mAP50`` (``None`` without data).
 
     Raises:
-        ValueError: an unknown runtime, a batch size < 1, ``int8`` without ``calibration``, ``ort``/``int8`` without
-            ``out_dir``, ``cuda`` without a GPU, or no ``postprocess`` for the mAP.
+        ValueError: no model, an unknown runtime, a batch size < 1, ``int8`` without ``calibration``, ``ort``/``int8``
+            without ``out_dir``, ``cuda`` without a GPU, or no ``postprocess`` for the mAP.
         ModuleNotFoundError: ``ort``/``int8`` without the ``export`` extra.
     """
+    if not models:
+        raise ValueError("Expected argument `models` to map row names to models but got an empty mapping.")
     runtimes = _resolve_runtimes(runtimes, out_dir)
     sizes = _check_batch_sizes(batch_sizes)
     if (int8 or "ort" in runtimes) and out_dir is None:
         raise ValueError("Expected argument `out_dir` to be set for ONNX Runtime latency and INT8 but got None.")
     if int8 and calibration is None:
         raise ValueError("Expected argument `calibration` to be image batches for `int8=True` but got None.")
+    last_name, last = list(models.items())[-1]
     if dataloader is not None and postprocess is None:
-        postprocess = getattr(compressed, "postprocess", None)
+        postprocess = getattr(last, "postprocess", None)
         if postprocess is None:
             raise ValueError(
-                f"Expected argument `postprocess` to decode {type(compressed).__name__}'s raw output for the mAP but "
+                f"Expected argument `postprocess` to decode {type(last).__name__}'s raw output for the mAP but "
                 "got None (and the model has no `postprocess` method)."
             )
     if int8 or "ort" in runtimes:
@@ -103,7 +103,6 @@ def compression_report(
         require_export_extra()
 
     example = example_input[:1]
-    models = {names[0]: original, names[1]: compressed}
     rows: list[dict[str, Any]] = [
         {
             "name": name,
@@ -117,15 +116,16 @@ def compression_report(
         }
         for name, model in models.items()
     ]
-    onnx_paths: list[Path] = []
+    onnx_paths: list[Path] = []  # one per row once exported; the INT8 file last
     if out_dir is not None and (int8 or "ort" in runtimes):
         from lightning_prune.report.export import export_onnx, file_size_mb
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        for row, (name, model) in zip(rows, models.items()):
+        exported = models if "ort" in runtimes else {last_name: last}
+        for name, model in exported.items():
             path = export_onnx(model, example, out / f"{_slug(name)}.onnx")
-            row["onnx_mb"] = file_size_mb(path)
+            rows[list(models).index(name)]["onnx_mb"] = file_size_mb(path)
             onnx_paths.append(path)
     if int8:
         from lightning_prune.report.export import file_size_mb
@@ -133,13 +133,13 @@ def compression_report(
 
         assert calibration is not None
         int8_path = quantize_onnx(
-            onnx_paths[1], onnx_paths[1].with_suffix(".int8.onnx"), calibration, method=calibration_method
+            onnx_paths[-1], onnx_paths[-1].with_suffix(".int8.onnx"), calibration, method=calibration_method
         )
         size = file_size_mb(int8_path)
         rows.append(
             {
-                **rows[1],
-                "name": f"{names[1]} INT8",
+                **rows[-1],
+                "name": f"{last_name} INT8",
                 "format": "onnx-int8",
                 "size_mb": size,
                 "onnx_mb": size,
@@ -150,6 +150,7 @@ def compression_report(
 
     generator = torch.Generator().manual_seed(0)
     inputs = {b: torch.rand(b, *example.shape[1:], generator=generator) for b in sizes}
+    timed_onnx = onnx_paths if "ort" in runtimes else onnx_paths[-1:] if int8 else []
     for b, batch in inputs.items():
         if "cpu" in runtimes:
             for row, ms in zip(rows, latency_ms(list(models.values()), batch, warmup=warmup, repeats=repeats)):
@@ -158,11 +159,11 @@ def compression_report(
             cuda_ms = latency_ms(list(models.values()), batch.cuda(), warmup=warmup, repeats=repeats)
             for row, ms in zip(rows, cuda_ms):
                 row["latency_ms"][f"cuda_b{b}"] = ms
-        if "ort" in runtimes or int8:
+        if timed_onnx:
             from lightning_prune.report.onnx_runtime import onnx_latency_ms
 
-            timed = onnx_paths if "ort" in runtimes else onnx_paths[2:]
-            for row, ms in zip(rows[-len(timed) :], onnx_latency_ms(timed, batch, warmup=warmup, repeats=repeats)):
+            ort_ms = onnx_latency_ms(timed_onnx, batch, warmup=warmup, repeats=repeats)
+            for row, ms in zip(rows[-len(timed_onnx) :], ort_ms):
                 row["latency_ms"][f"ort_b{b}"] = ms
 
     if dataloader is not None:
@@ -172,7 +173,7 @@ def compression_report(
         if int8:
             from lightning_prune.report.onnx_runtime import OnnxModel
 
-            rows[2].update(_evaluate(OnnxModel(onnx_paths[2]), postprocess, dataloader, limit_val_batches))
+            rows[-1].update(_evaluate(OnnxModel(onnx_paths[-1]), postprocess, dataloader, limit_val_batches))
     return rows
 
 
@@ -214,7 +215,10 @@ def format_report(rows: list[dict[str, Any]], input_shape: Sequence[int] | None 
         if r.get("format") == "onnx-int8" and source is not None and source is not rows[0]:
             lines.append(_summary(r, {**source, "size_mb": source.get("onnx_mb") or source["size_mb"]}, keys))
     if input_shape is not None:
-        lines.append(f"Input {'×'.join(str(int(d)) for d in input_shape[1:])} (batch as in each column).")
+        lines.append(
+            f"Input {'×'.join(str(int(d)) for d in input_shape[1:])} (batch as in each column), "
+            f"{torch.get_num_threads()} CPU threads; CPU = PyTorch eager with BatchNorm fused, ORT = ONNX Runtime."
+        )
     return "\n".join(lines)
 
 

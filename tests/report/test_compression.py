@@ -22,13 +22,11 @@ def test_rows_measure_both_models_and_leave_them_untouched(tmp_path):
     original, compressed = net(32), net(8)
     compressed.train()
     rows = compression_report(
-        original,
-        compressed,
+        {"Big": original, "Small": compressed},
         torch.zeros(1, 3, 32, 32),
         batch_sizes=[1, 3],
         runtimes=["cpu"],
         repeats=2,
-        names=("Big", "Small"),
     )
     assert [r["name"] for r in rows] == ["Big", "Small"]
     big, small = rows
@@ -65,17 +63,19 @@ def test_fidelity_is_speedup_over_macs_reduction():
         ),
         ({"int8": True, "out_dir": "x"}, r"Expected argument `calibration` to be image batches for `int8=True`"),
         ({"dataloader": []}, r"Expected argument `postprocess` to decode Sequential's raw output for the mAP"),
+        ({"models": {}}, r"Expected argument `models` to map row names to models but got an empty mapping."),
     ],
 )
 def test_bad_arguments(kwargs, match):
+    kwargs = {"models": {"a": net(8), "b": net(4)}, "runtimes": ["cpu"], **kwargs}
     with pytest.raises(ValueError, match=match):
-        compression_report(net(8), net(4), torch.zeros(1, 3, 16, 16), **{"runtimes": ["cpu"], **kwargs})
+        compression_report(example_input=torch.zeros(1, 3, 16, 16), **kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without a GPU")
 def test_cuda_without_a_gpu_is_refused():
     with pytest.raises(ValueError, match=r"Expected a CUDA device for `runtimes` with 'cuda' but torch sees none."):
-        compression_report(net(8), net(4), torch.zeros(1, 3, 16, 16), runtimes=["cuda"])
+        compression_report({"a": net(8), "b": net(4)}, torch.zeros(1, 3, 16, 16), runtimes=["cuda"])
 
 
 def test_plot_errors(tmp_path):
