@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -27,13 +28,17 @@ def resolve_target(pl_module: pl.LightningModule, submodule: str | None) -> nn.M
         ) from None
 
 
-def copy_module(pl_module: pl.LightningModule) -> pl.LightningModule:
+def copy_module(pl_module: pl.LightningModule, hook_ids: Sequence[int] = ()) -> pl.LightningModule:
     """A deep copy of the module without its Trainer, and without the hooks and the wrapped ``training_step`` that
-    callbacks put on it."""
+    callbacks put on it: the module's own forward hooks, and the forward hooks ``hook_ids`` (their handles' ``id``) on
+    its submodules."""
     memo = {id(getattr(pl_module, "_trainer", None)): None}
     copied = copy.deepcopy(pl_module, memo)
     copied._forward_hooks.clear()
     copied._forward_hooks_with_kwargs.clear()
+    for module in copied.modules():
+        for hook_id in hook_ids:
+            module._forward_hooks.pop(hook_id, None)
     copied.__dict__.pop("training_step", None)
     return copied
 
@@ -92,6 +97,13 @@ def check_patterns_match(target: nn.Module, argument: str, patterns: list[re.Pat
 
 def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_number(name: str, value: Any, condition: Literal[">= 0", "> 0"]) -> None:
+    """A real number (not a bool) ``>= 0`` or ``> 0``, or a ``ValueError`` naming the argument ``name``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not ok or not (value >= 0 if condition == ">= 0" else value > 0):
+        raise ValueError(f"Expected argument `{name}` to be a float {condition} but got {value!r}.")
 
 
 def check_epoch_schedule(schedule: Any, start_epoch: Any, stop_epoch: Any, warmup_epochs: Any) -> None:

@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-import difflib
-import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from lightning_prune.callbacks._modules import check_epoch_schedule
-from lightning_prune.losses import (
-    FeatureAdapter,
-    cwd_loss,
-    fine_grained_mask,
-    fm_nms_loss,
-    hinton_detection_loss,
-    imitation_loss,
-)
-from lightning_prune.pruning.checkpoint import pruning_history, pruning_root
+from lightning_prune.callbacks._features import FEATURE_LOSSES, FeatureImitation, resolve_features
+from lightning_prune.callbacks._modules import check_epoch_schedule, check_number, copy_module
+from lightning_prune.losses import FeatureAdapter, fm_nms_loss, hinton_detection_loss
+from lightning_prune.pruning.checkpoint import import_class, pruning_history
 from lightning_prune.pruning.sparsity import penalty_at
 
 LOSSES = ("fm_nms", "hinton")
-FEATURE_LOSSES = ("cwd", "fine_grained", "mse")
 _TEACHER_FILE = "distillation_teacher.pt"
 
 
@@ -84,11 +72,7 @@ class Distillation(pl.Callback):
     a pruning step narrows a chosen layer, its adapter keeps the columns of the surviving channels (found in the
     module's :class:`~lightning_prune.pruning.PruningHistory` for the layer's last convolution; new weights where
     they cannot be found, e.g. a layer that ends in a concat) and its momentum / Adam state follows them. Gradient
-    clipping does not see the adapters. The alternatives were worse: registered on the module, the adapters would be
-    traced and pruned by StructuredPruning, counted in its MACs/params, saved in (and required by a strict load of)
-    the student's checkpoint and exported; as a parameter group of the module's optimizer, they would escape its LR
-    schedulers (one base LR per group, set before the group exists) and would have to be re-added before Lightning
-    restores the optimizer on resume and after any optimizer rebuild.
+    clipping does not see the adapters.
 
     Args:
         teacher: ``"self"`` or a checkpoint path.
@@ -150,18 +134,18 @@ class Distillation(pl.Callback):
             raise ValueError(
                 f"Expected argument `loss` to be one of {list(LOSSES)}, a callable or None but got {loss!r}."
             )
-        _check_number("weight", weight, ">= 0")
-        _check_number("temperature", temperature, "> 0")
+        check_number("weight", weight, ">= 0")
+        check_number("temperature", temperature, "> 0")
         check_epoch_schedule(schedule, start_epoch, stop_epoch, warmup_epochs)
-        self.features = _resolve_features(features)
+        self.features = resolve_features(features)
         if feature_loss not in FEATURE_LOSSES:
             raise ValueError(
                 f"Expected argument `feature_loss` to be one of {list(FEATURE_LOSSES)} but got {feature_loss!r}."
             )
         if feature_weight is None:  # see the docstring
             feature_weight = 0.01 if feature_loss == "fine_grained" else 1.0
-        _check_number("feature_weight", feature_weight, ">= 0")
-        _check_number("feature_temperature", feature_temperature, "> 0")
+        check_number("feature_weight", feature_weight, ">= 0")
+        check_number("feature_temperature", feature_temperature, "> 0")
         if loss is None and not self.features:
             raise ValueError(f"Expected argument `features` to name layers when `loss` is None but got {features!r}.")
         self.teacher_source = str(teacher)
@@ -173,20 +157,16 @@ class Distillation(pl.Callback):
         self.feature_temperature = float(feature_temperature)
         self.teacher: nn.Module | None = None
         self.teacher_file: str | None = None  # where the "self" teacher was saved once the student got pruned
-        #: the 1×1 adapter of each student layer of ``features`` (built at the first step with feature imitation)
-        self.adapters: dict[str, FeatureAdapter] = {}
+        self._imitation = FeatureImitation(self.features, feature_loss, self.feature_temperature)
         self._original_step: Any = None
-        self._hooks: list[Any] = []  # on the student: its forward, its feature layers
-        self._teacher_hooks: list[Any] = []
+        self._hook: Any = None  # on the student's forward
         self._captured: tuple[Any, Any] | None = None
         self._capturing = False
-        self._student_feats: dict[str, Any] = {}
-        self._teacher_feats: dict[str, Any] = {}
-        self._optimizer: torch.optim.Optimizer | None = None  # the adapters'
-        self._adapted_steps = 0  # pruning steps of the student that the adapters' input widths follow
-        self._producers: dict[str, str | None] | None = None  # per feature layer, its last conv (for pruned channels)
-        self._convs_run: dict[str, list[tuple[str, int]]] = {}
-        self._saved_adapters: dict[str, Any] | None = None  # loaded from a checkpoint, applied at the first step
+
+    @property
+    def adapters(self) -> dict[str, FeatureAdapter]:
+        """The 1×1 adapter of each student layer of ``features`` (built at the first step with feature imitation)."""
+        return self._imitation.adapters
 
     def weight_at(self, epoch: int) -> float:
         """The head loss weight in ``epoch``."""
@@ -213,7 +193,7 @@ class Distillation(pl.Callback):
             raise MisconfigurationException(
                 f"Expected argument `teacher` to be 'self' or an existing checkpoint but got {self.teacher_source!r}."
             )
-        _layers(pl_module, list(self.features), "student")
+        self._imitation.attach(pl_module)
         self._wrap(pl_module)
 
     @override
@@ -230,34 +210,13 @@ class Distillation(pl.Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if self._optimizer is not None and idx % trainer.accumulate_grad_batches == 0:
-            self._optimizer.zero_grad(set_to_none=True)  # as Lightning does for the module (drops calibration grads)
+        self._imitation.zero_grad(trainer, idx)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._optimizer is None or not trainer.optimizers or optimizer is not trainer.optimizers[0]:
-            return
-        params = [p for adapter in self.adapters.values() for p in adapter.parameters()]
-        if all(p.grad is None for p in params):
-            return  # no feature term in this step (the same on every rank): momentum must not move the adapters
-        if trainer.world_size > 1:  # every rank has built the same adapters at the same step
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            flat = trainer.strategy.reduce(torch.cat([g.flatten() for g in grads]), reduce_op="mean")
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
-                p.grad = g.view_as(p).clone()
-        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        if scaler is not None and scaler.is_enabled():  # float16: the module's grads are unscaled, ours not yet
-            inverse = 1.0 / scaler.get_scale()
-            grads = [p.grad for p in params if p.grad is not None]
-            for g in grads:
-                g.mul_(inverse)
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                return  # the scaler skips this step of the module too
-        for group in self._optimizer.param_groups:
-            group["lr"] = optimizer.param_groups[0]["lr"]
-        self._optimizer.step()
+        self._imitation.step(trainer, optimizer)
 
     @override
     def on_save_checkpoint(
@@ -275,9 +234,10 @@ class Distillation(pl.Callback):
         if self._original_step is not None:
             pl_module.__dict__.pop("training_step", None)  # the class's method again
             self._original_step = None
-        for hook in self._hooks + self._teacher_hooks:
-            hook.remove()
-        self._hooks, self._teacher_hooks = [], []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._imitation.detach()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -286,22 +246,15 @@ class Distillation(pl.Callback):
             "teacher_class": self.teacher_class,
             "teacher_file": self.teacher_file,
         }
-        if self.adapters and self._optimizer is not None:
-            state["adapters"] = {
-                "weights": {
-                    name: {k: v.detach().cpu() for k, v in a.state_dict().items()} for name, a in self.adapters.items()
-                },
-                "optimizer": self._optimizer.state_dict(),
-                "pruning_steps": self._adapted_steps,
-            }
-        elif self._saved_adapters is not None:  # resumed, not yet used: keep them for the next resume
-            state["adapters"] = self._saved_adapters
+        adapters = self._imitation.state_dict()
+        if adapters is not None:
+            state["adapters"] = adapters
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.teacher_file = state_dict.get("teacher_file")
-        self._saved_adapters = state_dict.get("adapters")
+        self._imitation.load_state_dict(state_dict.get("adapters"))
 
     # ------------------------------------------------------------------ the wrapped step
     def _wrap(self, pl_module: pl.LightningModule) -> None:
@@ -314,17 +267,15 @@ class Distillation(pl.Callback):
             feature_weight = self.feature_weight_at(pl_module.current_epoch) if self.features else 0.0
             if (weight == 0 and feature_weight == 0) or self.teacher is None:
                 return original(*args, **kwargs)
-            self._captured, self._student_feats, self._capturing = None, {}, True
-            tracing = self._tracing_convs(pl_module) if feature_weight and self._producers is None else nullcontext()
+            self._captured, self._capturing = None, True
             try:
-                with tracing:
+                with self._imitation.capturing(pl_module, trace=bool(feature_weight)):
                     out = original(*args, **kwargs)
             finally:
                 self._capturing = False
             if self._captured is None:
                 return out
             (inputs, raw), self._captured = self._captured, None
-            self._teacher_feats = {}
             with torch.no_grad():
                 teacher_raw = self.teacher(*inputs[0], **inputs[1])
             added: Any = 0.0
@@ -334,10 +285,10 @@ class Distillation(pl.Callback):
                 pl_module.log("train/kd_loss", kd.detach(), prog_bar=True, batch_size=batch_size)
                 added = added + weight * kd
             if feature_weight:
-                feature = self._feature_loss(pl_module, args, kwargs)
+                feature = self._imitation.loss(pl_module, args, kwargs)
                 pl_module.log("train/kd_feature_loss", feature.detach(), prog_bar=True, batch_size=batch_size)
                 added = added + feature_weight * feature
-            self._student_feats, self._teacher_feats = {}, {}  # not held (with their graphs) until the next step
+            self._imitation.clear()
             if isinstance(out, dict):
                 return {**out, "loss": out["loss"] + added}
             return out + added
@@ -348,17 +299,7 @@ class Distillation(pl.Callback):
 
         self._original_step = original
         pl_module.training_step = training_step  # type: ignore[method-assign]
-        self._hooks = [pl_module.register_forward_hook(capture, with_kwargs=True)]
-        for name, module in _layers(pl_module, list(self.features), "student").items():
-            self._hooks.append(module.register_forward_hook(self._feature_hook(name, student=True)))
-
-    def _feature_hook(self, name: str, student: bool) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            feats = self._student_feats if student else self._teacher_feats
-            if (self._capturing or not student) and name not in feats:  # the first call in the step
-                feats[name] = output
-
-        return hook
+        self._hook = pl_module.register_forward_hook(capture, with_kwargs=True)
 
     def _kd_loss(self, pl_module: pl.LightningModule, raw: Any, teacher_raw: Any) -> torch.Tensor:
         adapter = pl_module.adapter
@@ -371,141 +312,10 @@ class Distillation(pl.Callback):
         result = self.loss(student, teacher)  # type: ignore[misc, operator]
         return result[0] if isinstance(result, tuple) else result
 
-    # ------------------------------------------------------------------ feature imitation
-    def _feature_loss(self, pl_module: pl.LightningModule, args: Any, kwargs: Any) -> torch.Tensor:
-        """The feature terms, summed over the layers; ``args``/``kwargs`` are the step's (the batch first)."""
-        pairs = {
-            s: (
-                self._check_feature(s, "student", self._student_feats),
-                self._check_feature(t, "teacher", self._teacher_feats),
-            )
-            for s, t in self.features.items()
-        }
-        for s_name, (s, t) in pairs.items():
-            if s.shape[-2:] != t.shape[-2:]:
-                raise MisconfigurationException(
-                    f"Expected teacher layer `{self.features[s_name]}` to have the spatial size of student layer "
-                    f"`{s_name}` {tuple(s.shape[-2:])} but got {tuple(t.shape[-2:])}. HINT: map each student layer "
-                    "to the teacher's layer of the same stride."
-                )
-        if self._producers is None:
-            self._producers = {n: _last_conv(self._convs_run.get(n, []), pairs[n][0].shape[1]) for n in pairs}
-            self._convs_run = {}
-        self._fit_adapters(pl_module, {n: (s.shape[1], t.shape[1]) for n, (s, t) in pairs.items()})
-        height, boxes = _ground_truth(args, kwargs) if self.feature_loss == "fine_grained" else (0, [])
-        total = None
-        for name, (s, t) in pairs.items():
-            with torch.autocast(s.device.type, enabled=False):  # the adapter and the loss in float32
-                student, teacher = self.adapters[name](s.float()), t.detach().float()
-                if self.feature_loss == "cwd":
-                    term = cwd_loss(student, teacher, self.feature_temperature)
-                elif self.feature_loss == "mse":
-                    term = F.mse_loss(student, teacher)
-                else:
-                    stride = height / s.shape[-2]
-                    boxes = [b.to(s.device) for b in boxes]
-                    term = imitation_loss(
-                        student, teacher, fine_grained_mask(boxes, tuple(s.shape[-2:]), stride, self._anchors(stride))
-                    )
-            total = term if total is None else total + term
-        assert total is not None
-        return total
-
-    def _check_feature(self, name: str, side: str, feats: Mapping[str, Any]) -> torch.Tensor:
-        value = feats.get(name)
-        if not isinstance(value, torch.Tensor) or value.ndim != 4:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise MisconfigurationException(
-                f"Expected {side} layer `{name}` to output a (B, C, H, W) tensor in the forward but got {got}. "
-                "HINT: choose layers that output one feature map, e.g. a neck level."
-            )
-        return value
-
-    def _fit_adapters(self, pl_module: pl.LightningModule, widths: dict[str, tuple[int, int]]) -> None:
-        """Build (or load) the adapters at the first step; afterwards follow the student's pruned widths."""
-        history = pruning_history(pl_module)
-        if not self.adapters:
-            self._build_adapters(pl_module, widths)
-        changed = {n: c_s for n, (c_s, _) in widths.items() if self.adapters[n].student_channels != c_s}
-        if changed:
-            steps = history.steps[self._adapted_steps :]
-            root = pruning_root(pl_module)
-            for name, c_s in changed.items():
-                adapter = self.adapters[name]
-                before, old = adapter.student_channels, adapter.conv.weight
-                kept = _kept_channels(
-                    steps, _relative(self._producers.get(name) if self._producers else None, root), before
-                )
-                kept = kept if kept is not None and len(kept) == c_s else None
-                adapter.rebuild(c_s, kept)
-                _swap_parameter(self._optimizer, old, adapter.conv.weight, kept)
-                rank_zero_info(
-                    f"Distillation: adapter of `{name}` rebuilt for the pruned student, inputs {before} → {c_s} "
-                    f"({'surviving columns kept' if kept is not None else 'new weights'})"
-                )
-        self._adapted_steps = len(history)
-
-    def _build_adapters(self, pl_module: pl.LightningModule, widths: dict[str, tuple[int, int]]) -> None:
-        """New adapters for the layers' widths, or the saved ones (whose inputs then follow the prunes since)."""
-        saved = self._saved_adapters or {}
-        states = saved.get("weights", {})
-        fits = bool(saved) and all(
-            name in states and states[name]["conv.weight"].shape[0] == c_t for name, (_, c_t) in widths.items()
-        )
-        self.adapters = {}
-        for seed, (name, (c_s, c_t)) in enumerate(widths.items()):
-            adapter = FeatureAdapter(int(states[name]["conv.weight"].shape[1]) if fits else c_s, c_t, seed=seed)
-            if fits:
-                adapter.load_state_dict(states[name])
-            self.adapters[name] = adapter.to(pl_module.device)
-        params = [p for adapter in self.adapters.values() for p in adapter.parameters()]
-        self._optimizer = _adapter_optimizer(pl_module.trainer, params)
-        if fits:
-            self._optimizer.load_state_dict(saved["optimizer"])
-            self._adapted_steps = int(saved.get("pruning_steps", 0))
-        else:
-            if saved:
-                rank_zero_info("Distillation: the saved feature adapters do not fit the layers; starting new ones")
-            self._adapted_steps = len(pruning_history(pl_module))
-        self._saved_adapters = None
-
-    @contextmanager
-    def _tracing_convs(self, pl_module: pl.LightningModule) -> Iterator[None]:
-        """Record the convolutions run inside each feature layer, in order (to find the one producing its output)."""
-        self._convs_run = {name: [] for name in self.features}
-        hooks = []
-        for name, layer in _layers(pl_module, list(self.features), "student").items():
-            for sub, module in layer.named_modules():
-                if isinstance(module, nn.modules.conv._ConvNd):
-                    full = f"{name}.{sub}" if sub else name
-
-                    def hook(
-                        m: nn.Module, a: Any, out: Any, full: str = full, runs: list = self._convs_run[name]
-                    ) -> None:
-                        if self._capturing and isinstance(out, torch.Tensor) and out.ndim > 1:
-                            runs.append((full, int(out.shape[1])))
-
-                    hooks.append(module.register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def _anchors(self, stride: float) -> torch.Tensor | None:
-        """The teacher's anchors (A, 2) at ``stride`` (its ``anchors`` row of that entry of ``strides``), or None."""
-        model = self.teacher
-        anchors = getattr(model, "anchors", None)
-        strides = getattr(model, "strides", None) or getattr(getattr(model, "adapter", None), "strides", None)
-        if not isinstance(anchors, torch.Tensor) or anchors.ndim != 3 or not strides:
-            return None
-        matches = [i for i, s in enumerate(strides) if abs(float(s) - stride) < 1e-6]
-        return anchors[matches[0]] if matches and matches[0] < anchors.shape[0] else None
-
     # ------------------------------------------------------------------ the teacher
     def _build_teacher(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.teacher_source != "self":
-            cls = _import(self.teacher_class) if self.teacher_class else type(pl_module)
+            cls = import_class(self.teacher_class, "teacher_class") if self.teacher_class else type(pl_module)
             teacher = cls.load_from_checkpoint(self.teacher_source, map_location="cpu", weights_only=True)
             rank_zero_info(f"Distillation: teacher {cls.__name__} from {self.teacher_source}")
             return teacher
@@ -528,160 +338,12 @@ class Distillation(pl.Callback):
         return teacher
 
     def _copy(self, pl_module: pl.LightningModule) -> pl.LightningModule:
-        return _copy_module(pl_module, [h.id for h in self._hooks])
+        return copy_module(pl_module, hook_ids=self._imitation.hook_ids)
 
     def _freeze(self, pl_module: pl.LightningModule) -> None:
         assert self.teacher is not None
         self.teacher.to(pl_module.device).eval().requires_grad_(False)
-        for hook in self._teacher_hooks:
-            hook.remove()
-        layers = _layers(self.teacher, list(dict.fromkeys(self.features.values())), "teacher")
-        self._teacher_hooks = [m.register_forward_hook(self._feature_hook(n, student=False)) for n, m in layers.items()]
-
-
-def _resolve_features(features: Any) -> dict[str, str]:
-    """``{student layer: teacher layer}`` from a list of names (the same on both sides) or a dict; ``{}`` for None."""
-    if features is None:
-        return {}
-    pairs = dict.fromkeys(features, None) if isinstance(features, (list, tuple)) else features
-    if (
-        not isinstance(pairs, dict)
-        or not pairs
-        or not all(isinstance(k, str) and k and (v is None or (isinstance(v, str) and v)) for k, v in pairs.items())
-    ):
-        raise ValueError(
-            "Expected argument `features` to be None, a list of layer names or a dict of student -> teacher layer "
-            f"names but got {features!r}."
-        )
-    return {k: k if v is None else v for k, v in pairs.items()}
-
-
-def _layers(model: nn.Module, names: Sequence[str], side: str) -> dict[str, nn.Module]:
-    modules = dict(model.named_modules())
-    for name in names:
-        if name not in modules:
-            close = difflib.get_close_matches(name, list(modules), n=3)
-            hint = f"did you mean {close}? " if close else ""
-            raise MisconfigurationException(
-                f"Expected argument `features` to name layers of the {side} {type(model).__name__} but it has no "
-                f"`{name}`. HINT: {hint}Names are as in `model.named_modules()`, e.g. {[n for n in modules if n][:4]}."
-            )
-    return {name: modules[name] for name in names}
-
-
-def _last_conv(runs: Sequence[tuple[str, int]], width: int) -> str | None:
-    """The last convolution run inside a layer with the layer's output width: its output channels are the layer's."""
-    return next((name for name, channels in reversed(runs) if channels == width), None)
-
-
-def _relative(name: str | None, root: str | None) -> str | None:
-    """A module name relative to the pruning root (as the history records it); None outside the root."""
-    if name is None or root is None:
-        return name
-    return name[len(root) + 1 :] if name.startswith(f"{root}.") else None
-
-
-def _kept_channels(steps: Sequence[Sequence[Mapping[str, Any]]], layer: str | None, width: int) -> list[int] | None:
-    """The channels of ``layer`` (``width`` of them before ``steps``) that survived the steps; None if unknown."""
-    if layer is None:
-        return None
-    kept = list(range(width))
-    for step in steps:
-        record = next((r for r in step if r["module"] == layer and r["kind"] == "out"), None)
-        if record is None:
-            continue
-        if record.get("size") not in (None, len(kept)):
-            return None
-        removed = set(record["idxs"])
-        kept = [k for i, k in enumerate(kept) if i not in removed]
-    return kept
-
-
-def _swap_parameter(
-    optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter, kept: Sequence[int] | None
-) -> None:
-    """Put ``new`` in the place of ``old`` in ``optimizer``; its state follows the ``kept`` columns (or resets)."""
-    if optimizer is None:
-        return
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i] = new
-    state = optimizer.state.pop(old, None)
-    if state is not None and kept is not None:
-        index = torch.as_tensor(list(kept), dtype=torch.long, device=old.device)
-        optimizer.state[new] = {
-            k: v.index_select(1, index) if isinstance(v, torch.Tensor) and v.shape == old.shape else v
-            for k, v in state.items()
-        }
-
-
-def _adapter_optimizer(trainer: pl.Trainer | None, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """An optimizer of the class and defaults of the module's first one, for the adapters."""
-    optimizers = getattr(trainer, "optimizers", None)
-    if not optimizers:
-        raise MisconfigurationException(
-            "Expected the module to have an optimizer (the feature adapters train with one of its class) but it has "
-            "none. HINT: return one from `configure_optimizers`."
-        )
-    main = getattr(optimizers[0], "optimizer", optimizers[0])
-    try:
-        return type(main)(params, **main.defaults)
-    except (TypeError, ValueError) as err:
-        raise MisconfigurationException(
-            f"Expected the module's first optimizer ({type(main).__name__}) to be buildable from its `defaults` for "
-            f"the feature adapters but it failed: {err}"
-        ) from err
-
-
-def _ground_truth(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, list[torch.Tensor]]:
-    """The input height and the per image (N_i, 4) xyxy boxes in input pixels of the step's batch."""
-    batch = args[0] if args else kwargs.get("batch")
-    try:
-        images, boxes = batch[0], [t["boxes"] for t in batch[1]]
-    except (TypeError, KeyError, IndexError, ValueError):
-        images, boxes = None, None
-    if (
-        not isinstance(images, torch.Tensor)
-        or images.ndim != 4
-        or boxes is None
-        or not all(isinstance(b, torch.Tensor) and b.ndim == 2 and b.shape[-1] == 4 for b in boxes)
-    ):
-        raise MisconfigurationException(
-            "Expected the training batch to be (images, targets) with images (B, C, H, W) and targets[i]['boxes'] "
-            f"(N, 4) x1, y1, x2, y2 in input pixels for feature_loss='fine_grained' but got {type(batch).__name__}. "
-            "HINT: feature_loss='cwd' needs no ground truth."
-        )
-    return int(images.shape[-2]), boxes
-
-
-def _check_number(name: str, value: Any, condition: str) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not ok or not (value >= 0 if condition == ">= 0" else value > 0):
-        raise ValueError(f"Expected argument `{name}` to be a float {condition} but got {value!r}.")
-
-
-def _copy_module(pl_module: pl.LightningModule, hook_ids: Sequence[int] = ()) -> pl.LightningModule:
-    """A deep copy of the module without its Trainer (and the callbacks' hooks on it, root and ``hook_ids``)."""
-    memo = {id(getattr(pl_module, "_trainer", None)): None}
-    teacher = copy.deepcopy(pl_module, memo)
-    teacher._forward_hooks.clear()
-    teacher._forward_hooks_with_kwargs.clear()
-    for module in teacher.modules():
-        for hook_id in hook_ids:
-            module._forward_hooks.pop(hook_id, None)
-    teacher.__dict__.pop("training_step", None)
-    return teacher
-
-
-def _import(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(
-            f"Expected argument `teacher_class` to be an importable class path but got {class_path!r}."
-        ) from err
+        self._imitation.attach_teacher(self.teacher)
 
 
 def _batch_size(inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> int | None:

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_prune.callbacks._modules import (
     adapter_output_layers,
     check_epoch_schedule,
+    check_number,
     check_patterns_match,
     compile_pattern,
     example_from_shape,
@@ -74,8 +75,7 @@ class SparsityRegularization(pl.Callback):
         example_input: Any = None,
     ) -> None:
         super().__init__()
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty < 0:
-            raise ValueError(f"Expected argument `penalty` to be a float >= 0 but got {penalty!r}.")
+        check_number("penalty", penalty, ">= 0")
         check_epoch_schedule(schedule, start_epoch, stop_epoch, warmup_epochs)
         self.penalty, self.schedule = float(penalty), schedule
         self.start_epoch, self.stop_epoch, self.warmup_epochs = start_epoch, stop_epoch, warmup_epochs

@@ -19,7 +19,7 @@ from test_pruning import FAMILIES, make_loader, make_trainer
 from torch import nn
 
 from lightning_prune.callbacks import Distillation, StructuredPruning, pruning_history
-from lightning_prune.callbacks.distillation import _adapter_optimizer, _ground_truth
+from lightning_prune.callbacks._features import _adapter_optimizer, _ground_truth
 from lightning_prune.losses import FeatureAdapter
 from lightning_prune.models.base import count_parameters
 
@@ -346,9 +346,10 @@ def test_adapters_follow_the_pruned_student_and_keep_training(tmp_path, monkeypa
         assert adapter.student_channels == model.get_submodule(f"{name}.2.conv").out_channels == len(survivors)
         assert adapter.teacher_channels == len(before)  # the unpruned teacher keeps its width
         assert not torch.equal(adapter.conv.weight.detach(), new)  # trained after the rebuild
-        optimized = [p for g in distillation._optimizer.param_groups for p in g["params"]]
+        optimizer = distillation._imitation.optimizer
+        optimized = [p for g in optimizer.param_groups for p in g["params"]]
         assert any(p is adapter.conv.weight for p in optimized) and not any(p.shape == old.shape for p in optimized)
-        assert distillation._optimizer.state[adapter.conv.weight]["momentum_buffer"].shape == adapter.conv.weight.shape
+        assert optimizer.state[adapter.conv.weight]["momentum_buffer"].shape == adapter.conv.weight.shape
     assert len(terms.rows) == 6 and all(math.isfinite(v) for row in terms.rows for v in row.values())
     assert all(p.grad is None for p in distillation.teacher.parameters())
     assert len(pruning_history(model)) == 1 and not len(pruning_history(distillation.teacher))
@@ -375,19 +376,19 @@ def test_resume_restores_the_adapters_and_their_optimizer(tmp_path):
     run = make_trainer(tmp_path, [first, checkpoints], max_epochs=1, enable_checkpointing=True)
     run.fit(FAMILIES["yolov3"](), make_loader())
     saved = {k: v.clone() for k, v in first.adapters["neck.set3"].state_dict().items()}
-    momentum = first._optimizer.state[first.adapters["neck.set3"].conv.weight]["momentum_buffer"].clone()
+    momentum = first._imitation.optimizer.state[first.adapters["neck.set3"].conv.weight]["momentum_buffer"].clone()
 
     second = Distillation(loss=None, features=["neck.set3"], feature_loss="mse")
     loaded: dict[str, torch.Tensor] = {}
-    build = second._build_adapters
+    build = second._imitation._build_adapters
 
     def spy(pl_module, widths):
         build(pl_module, widths)
         adapter = second.adapters["neck.set3"]
         loaded.update({k: v.clone() for k, v in adapter.state_dict().items()})
-        loaded["momentum"] = second._optimizer.state[adapter.conv.weight]["momentum_buffer"].clone()
+        loaded["momentum"] = second._imitation.optimizer.state[adapter.conv.weight]["momentum_buffer"].clone()
 
-    second._build_adapters = spy
+    second._imitation._build_adapters = spy
     callbacks = [second, StructuredPruning(pruning_ratio=0.4, epochs=[1]), ModelCheckpoint()]
     resumed = make_trainer(tmp_path, callbacks, max_epochs=2, enable_checkpointing=True)
     fresh = FAMILIES["yolov3"]()
@@ -428,7 +429,7 @@ def test_the_adapter_step_follows_the_module_lr_and_unscales_float16_gradients()
     scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 4.0)
     trainer = SimpleNamespace(optimizers=[main], world_size=1, precision_plugin=SimpleNamespace(scaler=scaler))
     distillation = Distillation(loss=None, features=["a"])
-    distillation._build_adapters(SimpleNamespace(device=torch.device("cpu"), trainer=trainer), {"a": (2, 3)})
+    distillation._imitation._build_adapters(SimpleNamespace(device=torch.device("cpu"), trainer=trainer), {"a": (2, 3)})
     weight = distillation.adapters["a"].conv.weight
     before = weight.detach().clone()
     distillation.on_before_optimizer_step(trainer, None, main)  # no gradient yet: nothing moves
