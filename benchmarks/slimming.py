@@ -96,7 +96,7 @@ def run_pipeline(recipe: str | Path, out: Path, *extra: str) -> tuple[list[dict[
     """``lightning-prune pipeline`` in a subprocess: the report's rows, its markdown, the wall time in s."""
     cmd = [sys.executable, "-m", "lightning_prune", "pipeline", "--config", str(recipe), "--out", str(out), *extra]
     _, wall = run_command(cmd, ROOT, "pipeline")
-    return json.loads((out / "report.json").read_text()), (out / "report.md").read_text().strip(), wall
+    return json.loads((out / "report.json").read_text())["rows"], (out / "report.md").read_text().strip(), wall
 
 
 def pruned_without_folding(recipe: Path, out: Path, extra: list[str]) -> dict[str, Any]:

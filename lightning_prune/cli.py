@@ -3,6 +3,7 @@
 Example:
     lightning-prune fit --config recipes/shapes/yolov3-tiny.yaml
     lightning-prune pipeline --config recipes/shapes/yolov3-slim.yaml
+    lightning-prune export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --format onnx --int8 --calibration imgs
     lightning-prune validate --config recipes/coco/yolov8s.yaml --data.root /data/coco --ckpt_path best.ckpt
 """
 
@@ -141,6 +142,11 @@ def main(args: list[str] | None = None) -> None:
         from lightning_prune.pipeline import main as run_pipeline  # it builds on this module
 
         run_pipeline(argv[1:])
+        return
+    if argv[:1] == ["export"]:
+        from lightning_prune.export import main as run_export
+
+        run_export(argv[1:])
         return
     LightningPruneCLI(args=expand_configs(argv))
 

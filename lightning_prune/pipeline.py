@@ -21,8 +21,10 @@ schedule). ``prune`` trains nothing: its callbacks prune at the start of a fit t
 
 Everything goes into ``--out``: each stage's checkpoints (``<stage>/checkpoints``, ``last.ckpt`` among them), its
 final weights (``<stage>.ckpt``), ``pipeline.json`` (stages done, their checkpoints and validation mAP) and the
-report (``report.md``, ``report.json``): rows Baseline / Sparse / Pruned / Finetuned, columns params, size (MB),
-MACs, latency (ms; CPU, batch 1, BatchNorm fused, median of interleaved runs), mAP50, mAP50-95. A stopped pipeline
+report (``report.md``, ``report.json``, :func:`~lightning_prune.report.compression.compression_report`): rows
+Baseline / Sparse / Pruned / Finetuned, columns params, MACs, size (MB), latency (ms; CPU eager with BatchNorm fused
+and ONNX Runtime with the ``export`` extra, batch 1 and 8, medians of interleaved runs), and each stage's validation
+mAP50 and mAP50-95. The ONNX files of the stages are left in ``--out/onnx``. A stopped pipeline
 run again with the same arguments skips the stages done and resumes the interrupted one from its ``last.ckpt``.
 
 Runs in one process (one device); multi-GPU stages are ``lightning-prune fit`` runs on a stage's checkpoint.
@@ -45,7 +47,7 @@ import yaml
 from typing_extensions import override
 
 from lightning_prune.cli import PIPELINE_KEY, LightningPruneCLI, load_recipe, merge_configs
-from lightning_prune.report import latency_ms, model_stats
+from lightning_prune.report.compression import compression_report, write_report
 
 STAGES = ("baseline", "sparsity", "prune", "finetune")
 ROWS = {"baseline": "Baseline", "sparsity": "Sparse", "prune": "Pruned", "finetune": "Finetuned"}
@@ -245,46 +247,18 @@ class Pipeline:
         cli = self._cli(stage_config(self.shared, "baseline", self.stages["baseline"], self.out))
         fresh = cli.model.cpu()
         example = fresh.example_input_array
-        models, rows = [], []
+        models = {}
         for name, done in self.state["stages"].items():
-            model = copy.deepcopy(fresh)
-            _load_weights(model, Path(done["checkpoint"]))
-            stats = model_stats(model, example)
-            models.append(model)
-            rows.append({"stage": ROWS[name], **stats, **done["metrics"], "checkpoint": done["checkpoint"]})
-        for row, ms in zip(rows, latency_ms(models, example, repeats=self.latency_repeats), strict=True):
-            row["latency_ms"] = ms
-        table = format_table(rows, tuple(example.shape))
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "report.md").write_text(table + "\n")
-        (self.out / "report.json").write_text(json.dumps(rows, indent=2))
-        return table
-
-
-def format_table(rows: list[dict[str, Any]], input_shape: tuple[int, ...]) -> str:
-    """The markdown table users publish, one row per stage, plus the reduction of the last row."""
-
-    def score(row: dict[str, Any], key: str) -> str:
-        return f"{row[key]:.4f}" if key in row else "—"
-
-    lines = [
-        "| stage | params | size (MB) | MACs | latency (ms) | mAP50 | mAP50-95 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['stage']} | {row['params'] / 1e6:.3f}M | {row['size_mb']:.2f} | {row['macs'] / 1e9:.3f}G | "
-            f"{row['latency_ms']:.1f} | {score(row, 'val/mAP50')} | {score(row, 'val/mAP')} |"
-        )
-    first, last = rows[0], rows[-1]
-    lines.append("")
-    lines.append(
-        f"{last['stage']} vs {first['stage']}: params −{1 - last['params'] / first['params']:.1%}, "
-        f"MACs −{1 - last['macs'] / first['macs']:.1%}, latency ×{first['latency_ms'] / last['latency_ms']:.2f} "
-        f"(CPU eager, batch {input_shape[0]}, {input_shape[-1]} px, {torch.get_num_threads()} threads, "
-        "BatchNorm fused)."
-    )
-    return "\n".join(lines)
+            models[ROWS[name]] = copy.deepcopy(fresh)
+            _load_weights(models[ROWS[name]], Path(done["checkpoint"]))
+        # mAP as each stage's own validation measured it (pipeline.json), not measured again
+        rows = compression_report(models, example, out_dir=self.out / "onnx", repeats=self.latency_repeats)
+        for row, done in zip(rows, self.state["stages"].values(), strict=True):
+            metrics = done["metrics"]
+            row.update(stage=row["name"], checkpoint=done["checkpoint"], **metrics)
+            row.update(mAP=metrics.get("val/mAP"), mAP50=metrics.get("val/mAP50"))
+        write_report(rows, self.out, tuple(example.shape), stem="report")
+        return (self.out / "report.md").read_text().strip()
 
 
 def _load_weights(model: pl.LightningModule, checkpoint: Path) -> None:

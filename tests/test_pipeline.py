@@ -94,10 +94,10 @@ def test_slimming_pipeline_runs_every_stage_reports_and_resumes(tmp_path: Path, 
     assert Interrupt.started == [0, 1, 1]
     assert {name: (out / f"{name}.ckpt").stat().st_mtime_ns for name in done} == done  # not run again
     printed = capsys.readouterr().out
-    rows = json.loads((out / "report.json").read_text())
+    rows = json.loads((out / "report.json").read_text())["rows"]
     assert [r["stage"] for r in rows] == ["Baseline", "Sparse", "Pruned", "Finetuned"]
     assert rows[0]["params"] == rows[1]["params"] > rows[2]["params"] == rows[3]["params"]
-    assert all(r["latency_ms"] > 0 and 0 <= r["val/mAP"] <= r["val/mAP50"] <= 1 for r in rows)
+    assert all(r["latency_ms"]["cpu_b1"] > 0 and 0 <= r["val/mAP"] == r["mAP"] <= r["mAP50"] <= 1 for r in rows)
     table = (out / "report.md").read_text()
     assert table.strip() in printed and "| Pruned |" in table and "Finetuned vs Baseline: params −" in table
     # the pruned checkpoints load in a fresh module (PrunableMixin replays the structure)
@@ -123,7 +123,7 @@ def test_a_given_baseline_replaces_training_it(tmp_path: Path) -> None:
     config["pipeline"] = {"prune": load_recipe(ROOT / "recipes/shapes/yolov3-slim.yaml")["pipeline"]["prune"]}
     recipe.write_text(yaml.safe_dump(config))
     run(recipe, tmp_path / "out", tmp_path, "--baseline", str(baseline))
-    rows = json.loads((tmp_path / "out/report.json").read_text())
+    rows = json.loads((tmp_path / "out/report.json").read_text())["rows"]
     assert [r["stage"] for r in rows] == ["Baseline", "Pruned"]
     assert rows[0]["checkpoint"] == str(baseline) and rows[1]["params"] < rows[0]["params"]
     assert not (tmp_path / "out/baseline/checkpoints").exists()  # nothing trained

@@ -17,10 +17,10 @@ from lightning_prune.callbacks._modules import copy_module, example_from_shape, 
 from lightning_prune.pruning.channels import layer_widths
 from lightning_prune.pruning.checkpoint import pruning_history
 from lightning_prune.report.compression import RUNTIMES, compression_report, report_metrics, write_report
+from lightning_prune.report.quantize import CALIBRATION_METHODS
 from lightning_prune.report.summary import model_stats
 
 _ORIGINAL_FILE = "original.pt"
-_CALIBRATION_METHODS = ("entropy", "minmax", "percentile")  # lightning_prune.report.quantize, without onnxruntime
 
 
 class CompressionReport(pl.Callback):
@@ -96,9 +96,9 @@ class CompressionReport(pl.Callback):
             raise ValueError(
                 f"Expected argument `calibration_images` to be an int >= 1 but got {calibration_images!r}."
             )
-        if calibration_method not in _CALIBRATION_METHODS:
+        if calibration_method not in CALIBRATION_METHODS:
             raise ValueError(
-                f"Expected argument `calibration_method` to be one of {list(_CALIBRATION_METHODS)} but got "
+                f"Expected argument `calibration_method` to be one of {list(CALIBRATION_METHODS)} but got "
                 f"{calibration_method!r}."
             )
         if limit_val_batches is not None and (not is_int(limit_val_batches) or limit_val_batches < 1):

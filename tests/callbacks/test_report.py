@@ -125,3 +125,21 @@ def test_setup_errors(tmp_path, shapes_root):
     with pytest.raises(MisconfigurationException, match=r"Expected `YOLOv8.example_input_array` to be set"):
         make_trainer(tmp_path, [CompressionReport(runtimes=["cpu"])]).fit(model, make_data(shapes_root))
     assert torch.is_tensor(YOLOv8("n", num_classes=4, img_size=64).example_input_array)
+
+
+def test_onnx_runtime_columns_and_the_int8_row(tmp_path, shapes_root):
+    pl.seed_everything(0)
+    model = YOLOv8("n", num_classes=4, img_size=64)
+    report = CompressionReport(
+        batch_sizes=[1], runtimes=["cpu", "ort"], int8=True, calibration_images=2, latency_repeats=1, plots=False
+    )
+    data = make_data(shapes_root)
+    make_trainer(tmp_path, [StructuredPruning(pruning_ratio=0.5, epochs=[0]), report], max_epochs=1).fit(model, data)
+    original, compressed, int8 = report.rows
+    assert int8["name"] == "Compressed INT8" and int8["format"] == "onnx-int8"
+    assert set(original["latency_ms"]) == {"cpu_b1", "ort_b1"} and set(int8["latency_ms"]) == {"ort_b1"}
+    assert int8["onnx_mb"] < 0.4 * compressed["onnx_mb"] < compressed["onnx_mb"] < original["onnx_mb"]
+    assert int8["params"] == compressed["params"] and int8["mAP"] is not None
+    out = tmp_path / "logs" / "version_0" / "compression_report"
+    assert {p.name for p in out.glob("*.onnx")} == {"original.onnx", "compressed.onnx", "compressed.int8.onnx"}
+    assert "Compressed INT8 vs Compressed: " in (out / "compression_report.md").read_text()

@@ -1,0 +1,154 @@
+"""What a user ships: the compression report of a pruned + distilled detector, with ONNX Runtime and INT8 rows.
+
+Usage: python benchmarks/compression.py [--recipe recipes/shapes/yolov8n.yaml] [--baseline CKPT]
+       [--finetune_epochs 5] [--calibration_images 64] [--repeats 20] [--out DIR] [--results benchmarks/RESULTS.md]
+       [extra LightningCLI arguments for every stage ...]
+
+1. Trains the recipe's model (or takes ``--baseline``), prunes it one-shot to half its MACs (StructuredPruning,
+   ``l2``, ``round_to=8``) and finetunes it ``--finetune_epochs`` epochs with FM-NMS distillation from the baseline,
+   through ``lightning-prune pipeline``.
+2. Measures Baseline / Pruned+KD / Pruned+KD INT8 side by side in one run
+   (:func:`lightning_prune.report.compression.compression_report`): params, MACs, size, latency on CPU eager
+   (BatchNorm fused) and ONNX Runtime at batch 1 and 8, mAP over the whole validation split (the INT8 model through
+   ONNX Runtime, decoded by the same NMS). INT8: ONNX Runtime static quantization, QDQ, entropy calibration on
+   ``--calibration_images`` training images.
+
+Targets (issue #6): INT8 file <= 0.3 × the fp32 ONNX file; INT8 mAP50-95 >= fp32 - 1.0 point; speedup fidelity
+(latency speedup ÷ MACs reduction) >= 0.9 at -50% MACs, batch 1 and 8, CPU eager and ONNX Runtime.
+
+Writes the section "compression" of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _results import RESULTS, write_section
+from slimming import run_pipeline
+
+from lightning_prune.cli import load_recipe
+from lightning_prune.data import DetectionDataModule
+from lightning_prune.export import load_module
+from lightning_prune.report.compression import compression_report, format_report
+
+ROOT = Path(__file__).resolve().parents[1]
+PRUNE = {
+    "class_path": "lightning_prune.callbacks.StructuredPruning",
+    "init_args": {"target_macs_ratio": 0.5, "importance": "l2", "round_to": 8},
+}
+
+
+def train(shared: dict[str, Any], out: Path, baseline: Path | None, epochs: int, extra: list[str]) -> Path:
+    """Baseline (unless given) → one-shot prune → finetune with FM-NMS from the baseline; the output folder."""
+    teacher = str(baseline) if baseline is not None else "{out}/baseline.ckpt"
+    finetune = {
+        "trainer": {"max_epochs": epochs},
+        "model": {"init_args": {"warmup_epochs": 0}},
+        "callbacks": [
+            {
+                "class_path": "lightning_prune.callbacks.Distillation",
+                "init_args": {"teacher": teacher, "loss": "fm_nms", "weight": 1.0},
+            }
+        ],
+    }
+    recipe = {**shared, "pipeline": {"baseline": {}, "prune": {"callbacks": [PRUNE]}, "finetune": finetune}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run_pipeline(out / "recipe.yaml", out / "out", *(["--baseline", str(baseline)] if baseline else []), *extra)
+    return out / "out"
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    base, fp32, int8 = rows
+    reduction = base["macs"] / fp32["macs"]
+    lines = ["| target (issue #6) | measured | |", "| --- | --- | --- |"]
+    size = int8["onnx_mb"] / fp32["onnx_mb"]
+    lines.append(
+        f"| INT8 file <= 0.3 × fp32 file | ×{size:.3f} ({int8['onnx_mb']:.2f} / {fp32['onnx_mb']:.2f} MB) | "
+        f"{'met' if size <= 0.3 else 'NOT met'} |"
+    )
+    drop = 100 * (int8["mAP"] - fp32["mAP"])
+    lines.append(
+        f"| INT8 mAP50-95 >= fp32 − 1.0 | {100 * int8['mAP']:.2f} vs {100 * fp32['mAP']:.2f} "
+        f"({drop:+.2f} points) | {'met' if drop >= -1.0 else 'NOT met'} |"
+    )
+    for key in sorted(fp32["latency_ms"]):
+        fidelity = base["latency_ms"][key] / fp32["latency_ms"][key] / reduction
+        runtime, batch = key.split("_b")
+        label = {"cpu": "CPU eager", "ort": "ONNX Runtime", "cuda": "CUDA"}[runtime]
+        lines.append(
+            f"| fidelity >= 0.9, {label}, batch {batch} | {fidelity:.2f} (×{reduction:.2f} fewer MACs) | "
+            f"{'met' if fidelity >= 0.9 else 'NOT met'} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/shapes/yolov8n.yaml")
+    parser.add_argument("--baseline", type=Path, help="trained checkpoint of the recipe's model (default: train one)")
+    parser.add_argument("--finetune_epochs", type=int, default=5)
+    parser.add_argument("--calibration_images", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per latency")
+    parser.add_argument("--out", type=Path, help="runs folder (default: a temporary one)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
+    args, extra = parser.parse_known_args(argv)
+    shared = {k: v for k, v in load_recipe(ROOT / args.recipe).items() if k != "pipeline"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        start = time.perf_counter()
+        stages = train(shared, out / "runs", args.baseline, args.finetune_epochs, extra)
+        train_s = time.perf_counter() - start
+        model_class = shared["model"]["class_path"]
+        baseline = load_module(args.baseline or stages / "baseline.ckpt", model_class)
+        tuned = load_module(stages / "finetune.ckpt", model_class)
+        data_args = {k: v for k, v in shared["data"].items() if k != "class_path"}
+        data_args.update({"num_workers": 0, "root": data_args.get("root")})
+        for i in range(0, len(extra) - 1):  # `--data.key value` overrides given for the stages apply here too
+            if extra[i].startswith("--data."):
+                data_args[extra[i][len("--data.") :]] = yaml.safe_load(extra[i + 1])
+        data = DetectionDataModule(**data_args)
+        data.setup("fit")
+        start = time.perf_counter()
+        rows = compression_report(
+            {"Baseline": baseline, "Pruned+KD": copy.deepcopy(tuned)},
+            baseline.example_input_array,
+            dataloader=data.val_dataloader(),
+            postprocess=tuned.postprocess,
+            out_dir=out / "onnx",
+            runtimes=["cpu", "ort"],
+            int8=True,
+            calibration=data.calibration_images(args.calibration_images),
+            repeats=args.repeats,
+        )
+        report_s = time.perf_counter() - start
+    shape = tuple(baseline.example_input_array.shape)
+    body = "\n".join(
+        [
+            f"Recipe `{args.recipe}` ({shape[-1]} px): "
+            + (f"baseline `{args.baseline}`" if args.baseline else "baseline trained by the recipe")
+            + f"; one-shot StructuredPruning (l2, round_to 8) to half the MACs; {args.finetune_epochs} finetune epochs"
+            f" with FM-NMS distillation from the baseline; INT8 = ONNX Runtime static QDQ, entropy calibration on "
+            f"{args.calibration_images} training images. Training {train_s / 60:.1f} min, report {report_s:.0f} s.",
+            "",
+            format_report(rows, shape),
+            "",
+            *targets(rows),
+        ]
+    )
+    write_section("compression", body, args.results)
+    print(body)
+    return body
+
+
+if __name__ == "__main__":
+    main()
