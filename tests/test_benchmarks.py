@@ -75,3 +75,18 @@ def test_distillation_writes_its_section(tmp_path):
     assert "<!-- distillation:start -->" in results.read_text()
     for row in ("| without KD |", "| with FM-NMS KD |", "KD >= no KD + 0.5 point", "teacher forward"):
         assert row in body
+
+
+@pytest.mark.slow
+def test_compression_writes_its_section(tmp_path):
+    from test_pipeline import tiny
+
+    recipe = tiny(tmp_path, ROOT / "recipes/shapes/yolov8n.yaml")
+    results = tmp_path / "RESULTS.md"
+    args = ["--recipe", str(recipe), "--finetune_epochs", "1", "--calibration_images", "2", "--repeats", "1"]
+    extra = ["--trainer.max_epochs", "1", "--data.root", str(tmp_path / "cache")]
+    body = load("compression").main([*args, "--results", str(results), *extra])
+    assert "<!-- compression:start -->" in results.read_text()
+    rows = ("| Baseline |", "| Pruned+KD |", "| Pruned+KD INT8 |", "INT8 file <= 0.3", "ONNX Runtime, batch 8", "| minmax |")
+    for row in rows:
+        assert row in body
