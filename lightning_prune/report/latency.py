@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,20 +40,31 @@ def latency_ms(
         >>> len(ms), all(t > 0 for t in ms)
         (2, True)
     """
+    check_timing(warmup, repeats)
+    small = example_input[:1]
+    timed = [(fuse_batchnorm(m, small) if fuse else copy.deepcopy(m).eval()).to(example_input.device) for m in models]
+    return interleaved_ms(timed, example_input, warmup, repeats, cuda=example_input.device.type == "cuda")
+
+
+def check_timing(warmup: int, repeats: int) -> None:
+    """Raise the argument error of a bad ``warmup`` (int >= 0) or ``repeats`` (int >= 1)."""
     if not (isinstance(warmup, int) and warmup >= 0):
         raise ValueError(f"Expected argument `warmup` to be an int >= 0 but got {warmup!r}.")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"Expected argument `repeats` to be an int >= 1 but got {repeats!r}.")
-    small = example_input[:1]
-    timed = [(fuse_batchnorm(m, small) if fuse else copy.deepcopy(m).eval()).to(example_input.device) for m in models]
-    cuda = example_input.device.type == "cuda"
-    times: list[list[float]] = [[] for _ in timed]
+
+
+def interleaved_ms(
+    models: Sequence[Callable[[Any], Any]], x: Any, warmup: int, repeats: int, cuda: bool = False
+) -> list[float]:
+    """Median ms of ``model(x)`` for each model, every round timing each model once in turn (``warmup`` untimed)."""
+    times: list[list[float]] = [[] for _ in models]
     for round_ in range(warmup + repeats):
-        for i, model in enumerate(timed):
+        for i, model in enumerate(models):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(example_input)
+            model(x)
             if cuda:
                 torch.cuda.synchronize()
             if round_ >= warmup:

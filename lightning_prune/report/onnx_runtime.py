@@ -16,8 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_prune.report.export import OUTPUTS_KEY, file_size_mb, require_export_extra, restore_outputs
+from lightning_prune.report.latency import check_timing, interleaved_ms
 
 
 class OnnxModel:
@@ -119,17 +118,6 @@ def onnx_latency_ms(
         >>> len(ms), all(t > 0 for t in ms)
         (2, True)
     """
-    if not (isinstance(warmup, int) and warmup >= 0):
-        raise ValueError(f"Expected argument `warmup` to be an int >= 0 but got {warmup!r}.")
-    if not (isinstance(repeats, int) and repeats >= 1):
-        raise ValueError(f"Expected argument `repeats` to be an int >= 1 but got {repeats!r}.")
+    check_timing(warmup, repeats)
     models = [OnnxModel(p, threads=threads) for p in paths]
-    x = example_input.detach().cpu()
-    times: list[list[float]] = [[] for _ in models]
-    for round_ in range(warmup + repeats):
-        for i, model in enumerate(models):
-            start = time.perf_counter()
-            model(x)
-            if round_ >= warmup:
-                times[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+    return interleaved_ms(models, example_input.detach().cpu(), warmup, repeats)

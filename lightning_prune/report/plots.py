@@ -2,7 +2,8 @@
 
 - :func:`plot_channels`: output channels of every conv/linear layer before and after compression;
 - :func:`plot_gamma_histogram`: the distribution of BatchNorm |γ| (what network slimming thresholds);
-- :func:`plot_map_vs_macs`: validation mAP against MACs along a pruning schedule.
+- :func:`plot_map_vs_macs`: validation mAP against MACs along a pruning schedule;
+- :func:`plot_sensitivity`: mAP against the ratio each layer group is pruned by alone (a sensitivity analysis).
 """
 
 from __future__ import annotations
@@ -153,3 +154,63 @@ def _save(fig: Any, path: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_sensitivity(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    baseline: float,
+    path: str | Path,
+    highlight: Sequence[str] = (),
+) -> Path:
+    """mAP50-95 against the ratio each group is pruned by alone: one thin grey line per group, ``highlight``'s in
+    colour with a legend (e.g. the ten most sensitive), the unpruned model's mAP dashed.
+
+    Args:
+        curves: ``{group: [(ratio, mAP in [0, 1]), ...]}`` (:meth:`~lightning_prune.pruning.sensitivity.
+            SensitivityResult.curves`).
+        baseline: the unpruned model's mAP, in [0, 1]; every curve starts there at ratio 0.
+        path: the PNG to write.
+        highlight: groups drawn in colour and named in the legend, in legend order.
+
+    Raises:
+        ValueError: no curve has a point.
+
+    Example:
+        >>> import tempfile
+        >>> curves = {"a": [(0.5, 0.30), (0.9, 0.10)], "b": [(0.5, 0.39), (0.9, 0.38)]}
+        >>> plot_sensitivity(curves, 0.4, Path(tempfile.mkdtemp()) / "s.png", highlight=["a"]).exists()
+        True
+    """
+    usable = {name: sorted(points) for name, points in curves.items() if points}
+    if not usable:
+        raise ValueError("Expected at least one group with a (ratio, mAP) point but got none.")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in usable.items():
+        if name not in highlight:
+            ax.plot(
+                [0.0] + [r for r, _ in points],
+                [100 * baseline] + [100 * m for _, m in points],
+                color="#bbbbbb",
+                linewidth=0.6,
+                zorder=1,
+            )
+    colors = plt.get_cmap("tab10")
+    for i, name in enumerate(n for n in highlight if n in usable):
+        points = usable[name]
+        ax.plot(
+            [0.0] + [r for r, _ in points],
+            [100 * baseline] + [100 * m for _, m in points],
+            "-o",
+            color=colors(i % 10),
+            linewidth=1.2,
+            markersize=2.5,
+            label=name,
+            zorder=2,
+        )
+    ax.axhline(100 * baseline, color="black", linestyle="--", linewidth=0.8, label="unpruned", zorder=0)
+    ax.set_title(f"Pruning one group alone ({len(usable)} groups; grey: the rest)")
+    ax.set_xlabel("fraction of the group's channels removed")
+    ax.set_ylabel("mAP50-95 (points)")
+    ax.legend(fontsize=6, loc="lower left")
+    return _save(fig, path)

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 import torch_pruning as tp
+from test_fuse import randomize_bn  # rootdir-style import of tests/report/test_fuse.py
 from torch import nn
 
 import lightning_prune.report.export as export_module
@@ -31,20 +32,6 @@ from lightning_prune.report.quantize import quantize_onnx
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 S = 64
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so that the exporter's BN folding is exercised for real."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-    return model
 
 
 def detector(name: str, pruned: bool = False) -> nn.Module:
