@@ -5,6 +5,7 @@ from lightning_prune.callbacks.pruning import StructuredPruning
 from lightning_prune.callbacks.report import CompressionReport
 from lightning_prune.callbacks.slimming import NetworkSlimming
 from lightning_prune.callbacks.sparsity import SparsityRegularization
+from lightning_prune.callbacks.unstructured import UnstructuredPruning
 from lightning_prune.pruning.checkpoint import PrunableMixin, pruning_history
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "PrunableMixin",
     "SparsityRegularization",
     "StructuredPruning",
+    "UnstructuredPruning",
     "pruning_history",
 ]

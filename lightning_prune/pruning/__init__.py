@@ -1,11 +1,20 @@
-"""Structured pruning without the Trainer: criteria, calibration, the pruning step, schedules, a replayable history,
-optimizer patching, sparsity regularization, bias folding."""
+"""Structured pruning without the Trainer: criteria, calibration, the pruning step, schedules,
+a replayable history, optimizer patching, sparsity regularization, bias folding; fine-grained magnitude masks and their
+storage size."""
 
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, output_layers, prune_channels
 from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
 from lightning_prune.pruning.history import PruningHistory, apply_records, group_records, resize_to_state_dict
 from lightning_prune.pruning.importance import IMPORTANCES, ActivationImportance, resolve_importance
+from lightning_prune.pruning.masks import (
+    add_mask_buffers,
+    apply_masks,
+    magnitude_masks,
+    make_permanent,
+    masked_parameters,
+    storage_report,
+)
 from lightning_prune.pruning.optim import PruningTracker, track_pruning
 from lightning_prune.pruning.schedules import (
     SCHEDULES,
@@ -29,6 +38,8 @@ __all__ = [
     "PruningHistory",
     "PruningTracker",
     "add_l1_subgradient",
+    "add_mask_buffers",
+    "apply_masks",
     "apply_records",
     "bn_groups",
     "build_schedule",
@@ -38,6 +49,9 @@ __all__ = [
     "geometric",
     "group_records",
     "linear",
+    "magnitude_masks",
+    "make_permanent",
+    "masked_parameters",
     "one_shot",
     "output_layers",
     "prune_channels",
@@ -45,6 +59,7 @@ __all__ = [
     "resize_to_state_dict",
     "resolve_importance",
     "resolve_schedule",
+    "storage_report",
     "to_torch_pruning_scheduler",
     "track_pruning",
 ]

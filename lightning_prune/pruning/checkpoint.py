@@ -13,6 +13,9 @@ must be resized by the module itself: :class:`PrunableMixin` replays the
 
 The history is plain data, so checkpoints load with ``torch.load(weights_only=True)``.
 
+Fine-grained masks (:mod:`lightning_prune.pruning.masks`, boolean ``<param>_mask`` buffers) are restored the same
+way: ``load_state_dict`` first creates the mask buffers the state dict holds, with its shapes, then loads strictly.
+
 Our reference detectors (:class:`~lightning_prune.models.DetectorModule`) already include the mixin; for your
 own module it is the one line to add: ``class MyDetector(PrunableMixin, pl.LightningModule)``.
 
@@ -36,6 +39,7 @@ import torch
 from torch import nn
 
 from lightning_prune.pruning.history import PruningHistory
+from lightning_prune.pruning.masks import add_mask_buffers
 
 CHECKPOINT_KEY = "lightning_prune"
 CLASS_KEY = "lightning_prune_class"  # the class path of the module that saved the checkpoint (any pruning or none)
@@ -125,7 +129,8 @@ class PrunableMixin:
     the pruned architecture in a fresh process.
 
     The module's ``state_dict()`` gains one entry, ``_extra_state`` (the history as plain data), replayed before the
-    layers' weights load; a state dict without it (saved before the mixin was added) still loads.
+    layers' weights load; a state dict without it (saved before the mixin was added) still loads. The fine-grained
+    masks a state dict holds (``<param>_mask``) are created before the load too.
     """
 
     def get_extra_state(self) -> torch.Tensor:
@@ -145,6 +150,8 @@ class PrunableMixin:
             restore_pruning_state(self, {CHECKPOINT_KEY: decoded})
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        assert isinstance(self, nn.Module)
+        add_mask_buffers(self, state_dict)  # with the state dict's shapes: the history replayed below resizes weights
         if _EXTRA_STATE_KEY not in state_dict:  # an unpruned state dict from before the mixin: nothing to replay
             filled: OrderedDict[str, Any] = OrderedDict(state_dict)
             if hasattr(state_dict, "_metadata"):
