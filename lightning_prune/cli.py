@@ -148,6 +148,11 @@ def main(args: list[str] | None = None) -> None:
 
         run_export(argv[1:])
         return
+    if argv[:1] == ["sensitivity"]:
+        from lightning_prune.sensitivity import main as run_sensitivity
+
+        run_sensitivity(argv[1:])
+        return
     LightningPruneCLI(args=expand_configs(argv))
 
 

@@ -15,12 +15,14 @@ COCO_IOU_THRESHOLDS: list[float] = np.linspace(0.5, 0.95, 10).tolist()
 COCO_RECALL_THRESHOLDS: list[float] = np.linspace(0.0, 1.00, 101).tolist()
 
 
-def build_map_metric(backend: MapBackend = "pycocotools") -> MeanAveragePrecision:
+def build_map_metric(backend: MapBackend = "pycocotools", sync: bool = True) -> MeanAveragePrecision:
     """A box mAP metric with the COCO protocol (IoU 0.50:0.95, area ranges, 100 detections per image).
 
     Args:
         backend: ``"pycocotools"`` (the reference) or ``"faster_coco_eval"`` (same numbers, faster; an
             optional package).
+        sync: gather the detections of every rank at ``compute()`` when a process group exists (validation under
+            DDP); ``False`` for a metric that one rank computes alone (it would otherwise wait for the others).
 
     Raises:
         ValueError: ``backend`` is not one of the two names.
@@ -41,4 +43,5 @@ def build_map_metric(backend: MapBackend = "pycocotools") -> MeanAveragePrecisio
         # of exactly 0.3 then falls on the other side of the 0.30000001 threshold (mAP off by ~5e-4)
         iou_thresholds=COCO_IOU_THRESHOLDS,
         rec_thresholds=COCO_RECALL_THRESHOLDS,
+        sync_on_compute=sync,
     )

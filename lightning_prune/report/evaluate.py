@@ -60,7 +60,7 @@ def evaluate_map(
     """
     if limit_batches is not None and not (isinstance(limit_batches, int) and limit_batches >= 1):
         raise ValueError(f"Expected argument `limit_batches` to be None or an int >= 1 but got {limit_batches!r}.")
-    metric = build_map_metric(backend)
+    metric = build_map_metric(backend, sync=False)  # this process's data only: under DDP one rank may run it alone
     seen = 0
     for batch_idx, (images, targets) in enumerate(dataloader):
         if limit_batches is not None and batch_idx >= limit_batches:
