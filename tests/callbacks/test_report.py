@@ -143,3 +143,46 @@ def test_onnx_runtime_columns_and_the_int8_row(tmp_path, shapes_root):
     out = tmp_path / "logs" / "version_0" / "compression_report"
     assert {p.name for p in out.glob("*.onnx")} == {"original.onnx", "compressed.onnx", "compressed.int8.onnx"}
     assert "Compressed INT8 vs Compressed: " in (out / "compression_report.md").read_text()
+
+
+DDP_SCRIPT = """
+import json, sys
+import pytorch_lightning as pl
+import torch
+sys.path[:0] = [{root!r}]
+from lightning_prune.callbacks import CompressionReport, StructuredPruning
+from lightning_prune.data import DetectionDataModule
+from lightning_prune.models import YOLOv8
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    report = CompressionReport(runtimes=["cpu"], batch_sizes=[1], latency_repeats=1, plots=False,
+                               dirpath={out!r} + "/report")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, limit_train_batches=1,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir={out!r},
+                         callbacks=[StructuredPruning(pruning_ratio=0.5, epochs=[1]), report])
+    data = DetectionDataModule(root={data!r}, num_train=4, num_val=4, img_size=64, batch_size=2, num_workers=0)
+    trainer.fit(YOLOv8("n", num_classes=4, img_size=64), data)
+    json.dump({{"rows": len(report.rows), "points": len(report.points)}},
+              open({out!r} + f"/rank{{trainer.global_rank}}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_rank_zero_reports_alone_without_waiting_for_the_others(tmp_path, shapes_root):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    make_data(shapes_root).setup("fit")  # generate the data once, before two processes want it
+    script = tmp_path / "ddp_report.py"
+    root = str(Path(__file__).resolve().parents[2])
+    script.write_text(DDP_SCRIPT.format(root=root, out=str(tmp_path), data=shapes_root))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == {"rows": 2, "points": 2} and ranks[1]["rows"] == 0  # measured on rank 0 only
+    rows = json.loads((tmp_path / "report" / "compression_report.json").read_text())["rows"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["mAP"] is not None
