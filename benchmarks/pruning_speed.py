@@ -1,7 +1,8 @@
 """Does pruning make the model faster? Latency of a pruned YOLOv8s against plain Torch-Pruning, side by side.
 
 Usage: python benchmarks/pruning_speed.py [--threads 2] [--quick | --event_only] [--results benchmarks/RESULTS.md]
-       [--ours "round_to=16,global_pruning=1,max_layer_ratio=0.6" ...] [--scale s] [--repeats 10]
+       [--ours "round_to=16,global_pruning=1,max_layer_ratio=0.6" ...] [--ours "allocation=latency,round_to=8"]
+       [--scale s] [--repeats 10]
 
 Takes about 15-20 minutes on 2 cores (--quick: about 15 s, a smoke test whose numbers mean nothing). Run it on a
 quiet machine: every timing is wall clock.
@@ -16,7 +17,9 @@ Methods: plain Torch-Pruning as its YOLOv8 example prunes (``MagnitudePruner``, 
 the same ratio for every layer, the head's output convs ignored; its ``pruning_ratio`` bisected to meet the
 reduction), without and with ``round_to=8``; ours: ``StructuredPruning(target_macs_ratio=1 - reduction,
 importance="l2", ...)`` applied without a Trainer, once per ``--ours`` flag (``""``: the callback's defaults; by
-default ``""``, ``round_to=8`` and ``round_to=16``). A method that fails (e.g. a target found unreachable) gets a
+default ``""``, ``round_to=8``, ``round_to=16`` and ``allocation=latency,round_to=8``, the latency-aware allocation
+whose table is measured at the trace size, 320 px, batch 1 (``latency_batch_size=8`` to change the batch); its rows
+note the table's entries and measuring time). A method that fails (e.g. a target found unreachable) gets a
 "failed" row. The weights are random (seeded): magnitude criteria rank channels differently on a trained model.
 Then the cost of one pruning event (prune + optimizer patch + DDP re-wrap; ``pruning_ratio=0.5``, an SGD optimizer)
 and of one ``target_macs_ratio`` step (which adds the bisection of dry runs).
@@ -47,12 +50,13 @@ import _results
 
 from lightning_prune.callbacks import StructuredPruning
 from lightning_prune.models.yolov8 import YOLOv8
+from lightning_prune.pruning.latency import LatencyTable
 from lightning_prune.report.fuse import fuse_batchnorm
 from lightning_prune.report.summary import model_stats
 
 TRACE = 320  # pruning traces at this size (MACs ratios of a conv net do not depend on it)
 TOLERANCE = 0.03
-DEFAULT_OURS = ["", "round_to=8", "round_to=16"]  # "": the callback's defaults
+DEFAULT_OURS = ["", "round_to=8", "round_to=16", "allocation=latency,round_to=8"]  # "": the callback's defaults
 
 
 def fake_trainer(optimizers: list[torch.optim.Optimizer] | None = None) -> Any:
@@ -117,14 +121,15 @@ def torch_pruning(base: YOLOv8, reduction: float, round_to: int | None, iteratio
 
 def ours(base: YOLOv8, reduction: float, **kwargs: Any) -> tuple[nn.Module, str]:
     model = copy.deepcopy(base)
-    StructuredPruning(target_macs_ratio=1.0 - reduction, importance="l2", **kwargs).on_train_epoch_start(
-        fake_trainer(), model
-    )
-    return model.eval(), ""
+    callback = StructuredPruning(target_macs_ratio=1.0 - reduction, importance="l2", **kwargs)
+    callback.on_train_epoch_start(fake_trainer(), model)
+    table = callback.latency_table
+    note = f"latency table: {len(table)} entries, {table.seconds:.1f} s" if isinstance(table, LatencyTable) else ""
+    return model.eval(), note
 
 
 def parse_ours(spec: str) -> dict[str, Any]:
-    """``"round_to=16,global_pruning=1,max_layer_ratio=0.8"`` -> keyword arguments of StructuredPruning."""
+    """``"round_to=16,global_pruning=1,max_layer_ratio=0.8,allocation=latency"`` -> StructuredPruning's keywords."""
     kwargs: dict[str, Any] = {}
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
@@ -132,6 +137,10 @@ def parse_ours(spec: str) -> dict[str, Any]:
             kwargs[key] = value.lower() in ("1", "true", "yes")
         elif key == "round_to":
             kwargs[key] = None if value.lower() == "none" else int(value)
+        elif key == "allocation":
+            kwargs[key] = value
+        elif key == "latency_batch_size":
+            kwargs[key] = int(value)
         else:
             kwargs[key] = float(value)
     return kwargs
@@ -174,7 +183,8 @@ def event_cost(base: YOLOv8, **kwargs: Any) -> float:
 def event_table(scale: str, spec: str, runs: int, with_target: bool = True) -> str:
     """The cost of one pruning event, ours and plain Torch-Pruning's, medians of ``runs`` interleaved runs."""
     kwargs = parse_ours(spec)
-    variants = {"ratio": lambda: event_cost(build(scale), pruning_ratio=0.5, **kwargs)}
+    by_ratio = kwargs.get("allocation", "importance") != "latency"  # the latency allocation needs a target
+    variants = {"ratio": lambda: event_cost(build(scale), pruning_ratio=0.5, **kwargs)} if by_ratio else {}
     if with_target:
         variants["target"] = lambda: event_cost(build(scale), target_macs_ratio=0.5, **kwargs)
     variants["tp"] = lambda: tp_event_cost(build(scale))
@@ -184,11 +194,12 @@ def event_table(scale: str, spec: str, runs: int, with_target: bool = True) -> s
             times[name].append(run())
     median = {name: statistics.median(values) for name, values in times.items()}
     target = f"{median['target']:.2f}" if with_target else "skipped (--quick)"
+    ratio = f"{median['ratio']:.2f}" if by_ratio else "- (needs a target)"
     return "\n".join(
         [
             f"| pruning event on YOLOv8{scale} (traced at {TRACE} px; median of {runs}) | seconds | target |",
             "| --- | --- | --- |",
-            f"| ours, `pruning_ratio=0.5`: prune + SGD optimizer patch + re-wrap | {median['ratio']:.2f} | <= 1 s |",
+            f"| ours, `pruning_ratio=0.5`: prune + SGD optimizer patch + re-wrap | {ratio} | <= 1 s |",
             f"| ours, `target_macs_ratio=0.5` (adds the search of dry runs) | {target} | - |",
             f"| plain Torch-Pruning: dependency graph + `step()` at ratio 0.5 | {median['tp']:.2f} | - |",
             "",

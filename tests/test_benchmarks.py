@@ -87,6 +87,13 @@ def test_compression_writes_its_section(tmp_path):
     extra = ["--trainer.max_epochs", "1", "--data.root", str(tmp_path / "cache")]
     body = load("compression").main([*args, "--results", str(results), *extra])
     assert "<!-- compression:start -->" in results.read_text()
-    rows = ("| Baseline |", "| Pruned+KD |", "| Pruned+KD INT8 |", "INT8 file <= 0.3", "ONNX Runtime, batch 8", "| minmax |")
+    rows = (
+        "| Baseline |",
+        "| Pruned+KD |",
+        "| Pruned+KD INT8 |",
+        "INT8 file <= 0.3",
+        "ONNX Runtime, batch 8",
+        "| minmax |",
+    )
     for row in rows:
         assert row in body

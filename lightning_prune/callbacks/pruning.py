@@ -36,6 +36,7 @@ from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_sta
 from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
 from lightning_prune.pruning.history import apply_records
 from lightning_prune.pruning.importance import needs_calibration, resolve_importance
+from lightning_prune.pruning.latency import Cost, LatencyAllocation, LatencyTable, width_ratios
 from lightning_prune.pruning.optim import track_pruning
 from lightning_prune.pruning.schedules import build_schedule, relative_ratios
 from lightning_prune.pruning.tracing import restored, traceable
@@ -60,6 +61,22 @@ class StructuredPruning(pl.Callback):
     with it. The achieved ratio is within ±3% (relative) of each step's target and is logged as
     ``prune/macs_of_original`` and ``prune/params_of_original`` (``prune/macs_ratio`` and ``prune/params_ratio``
     compare a step with the one before).
+
+    With ``allocation="latency"`` the widths follow latency measured on the device rather than a global ranking
+    (HALP, simplified; :mod:`lightning_prune.pruning.latency`): rank 0 times every conv / linear alone (and the
+    activations / pools that run on its outputs) at the widths its greedy asks about (a lookup table, at the example
+    input's resolution and ``latency_batch_size``), removes
+    blocks of ``round_to`` channels (default 8; a group may drop one or two blocks at once) from the groups that cost
+    the least importance per millisecond saved until the step's MACs target is met (checked on dry runs), or its
+    ``target_latency_ratio`` of the original model's latency as the table sums it (convs / linears alone), then
+    prunes each group to its width. The estimate is logged as ``prune/latency_estimate_ms`` and
+    ``prune/latency_of_original``. Set ``example_input`` to the deployed resolution: latency depends on it. On
+    YOLOv8s at 320 px and 2 CPU threads a step measures 0.4-2k table entries and takes 5-15 s. The greedy drains
+    the groups whose channels save the most time first, so widths end up uneven (some layers at their last block):
+    bound them with ``max_layer_ratio`` where accuracy matters.
+
+    Paper: Shen et al., "Structural Pruning via Latency-Saliency Knapsack" (NeurIPS 2022),
+    https://arxiv.org/abs/2110.10811
 
     Args:
         pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
@@ -92,10 +109,17 @@ class StructuredPruning(pl.Callback):
             a shape such as ``[1, 3, 320, 320]`` for a zero tensor (handy in YAML); default its (or the
             LightningModule's) ``example_input_array``. A fully convolutional detector can be traced at a smaller
             size than it trains at (MACs ratios do not depend on it) to make each step cheaper.
+        allocation: ``"importance"`` (rank channels by the criterion, globally or per layer) or ``"latency"``
+            (latency-aware widths, see above; needs ``target_macs_ratio`` or ``target_latency_ratio``, and takes no
+            ``layer_ratios``).
+        target_latency_ratio: with ``allocation="latency"``, fraction of the original model's latency (as the
+            latency table sums it) left after the last step, in (0, 1); instead of the other targets.
+        latency_batch_size: the batch size the latency table times layers at (deployment's), an int >= 1.
 
     Raises:
-        ValueError: an argument is out of range or of the wrong type, or ``pruning_ratio`` and a target (or both
-            targets) are given.
+        ValueError: an argument is out of range or of the wrong type, ``pruning_ratio`` and a target (or two
+            targets) are given, or ``allocation="latency"`` lacks a MACs / latency target (or a latency target comes
+            without it).
         MisconfigurationException: at ``setup``, an ``ignored_layers`` pattern matches no module, ``submodule`` names
             none, the module has no ``example_input_array`` or cannot be traced (the error names the module that
             failed); at ``fit`` start, the strategy shards the model or an optimizer's state cannot follow pruned
@@ -115,6 +139,8 @@ class StructuredPruning(pl.Callback):
     tolerance = 0.03
     #: at most this many dry runs per step after the bracket's (false position, usually 2-4)
     search_iterations = 10
+    #: with ``allocation="latency"``, a group may lose up to this many blocks of ``round_to`` channels in one move
+    latency_lookahead = 2
 
     def __init__(
         self,
@@ -134,6 +160,9 @@ class StructuredPruning(pl.Callback):
         lr_scale: float | None = None,
         submodule: str | None = None,
         example_input: Any = None,
+        allocation: str = "importance",
+        target_latency_ratio: float | None = None,
+        latency_batch_size: int = 1,
     ) -> None:
         super().__init__()
         if epochs is None:
@@ -144,7 +173,18 @@ class StructuredPruning(pl.Callback):
             a >= b for a, b in itertools.pairwise(epochs)
         ):
             raise ValueError(f"Expected argument `epochs` to be strictly increasing ints >= 0 but got {epochs!r}.")
-        self.metric, self.target_ratio = _resolve_target(pruning_ratio, target_macs_ratio, target_params_ratio)
+        targets = {"macs": target_macs_ratio, "params": target_params_ratio, "latency": target_latency_ratio}
+        self.metric, self.target_ratio = _resolve_target(pruning_ratio, targets)
+        self.allocation = _resolve_allocation(allocation, self.metric, pruning_ratio, layer_ratios)
+        if isinstance(latency_batch_size, bool) or not (is_int(latency_batch_size) and latency_batch_size >= 1):
+            raise ValueError(
+                f"Expected argument `latency_batch_size` to be an int >= 1 but got {latency_batch_size!r}."
+            )
+        self.latency_batch_size = int(latency_batch_size)
+        #: with ``allocation="latency"``, rank 0's latency table: a :class:`~lightning_prune.pruning.latency.
+        #: LatencyTable` built at the first step, kept for the next; any ``(layer, c_in, c_out) -> ms`` may replace it
+        self.latency_table: Cost | None = None
+        self._latency: tuple[float, float] | None = None  # the table's estimate before / after this step (rank 0)
         reduction = 1.0 - self.target_ratio if self.metric else pruning_ratio
         self.ratios = build_schedule(schedule, 0.5 if reduction is None else reduction, len(epochs))
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
@@ -263,8 +303,10 @@ class StructuredPruning(pl.Callback):
                     f"them) but the module is already pruned ({len(history)} steps) and the state has none. HINT: "
                     "resume from a checkpoint written by a run with the same target."
                 )
-            self._original = before
+            self._original = dict(before)
         ratio = self.step_ratio(pl_module, target, example)  # of the model as it is now
+        keep: dict[str, int] | None = None  # latency allocation: {group root: channels kept}
+        self._latency = None
         widths = layer_widths(target)
         prunes = self.metric is not None or ratio > 0 or bool(self.layer_ratios)
         calibrated = needs_calibration(self.importance) and prunes
@@ -274,12 +316,15 @@ class StructuredPruning(pl.Callback):
         records = error = None
         if trainer.is_global_zero and self.metric is not None:  # dry runs, outside the tracker of the real pruning
             try:
-                ratio = self._search_ratio(pl_module, target, example, before)
+                if self.allocation == "latency":
+                    keep = self._allocate(pl_module, target, example, before)
+                else:
+                    ratio = self._search_ratio(pl_module, target, example, before)
             except _UnreachableTarget as err:  # every rank raises it, none waits in the broadcast
                 error = str(err)
         with track_pruning(target) as tracker:
             if trainer.is_global_zero and error is None:  # decide once, apply everywhere
-                records = self._decide_and_prune(trainer, pl_module, target, example, ratio, fold)
+                records = self._decide_and_prune(trainer, pl_module, target, example, ratio, fold, keep)
             if trainer.world_size > 1:
                 records, error = trainer.strategy.broadcast((records, error), src=0)
                 if not trainer.is_global_zero and error is None:
@@ -319,12 +364,13 @@ class StructuredPruning(pl.Callback):
         example: Any,
         ratio: float,
         fold: InputMeans | None,
+        keep: dict[str, int] | None = None,
     ) -> list[dict[str, Any]]:
         ignored = self._ignored_layers(pl_module, target, example)
-        if ratio <= 0 and not self.layer_ratios:
+        if (keep is None and ratio <= 0 and not self.layer_ratios) or keep == {}:
             return []
         with restored(target, keep_grads=True):
-            return self._prune(target, example, ratio, ignored, pruning_history(pl_module), fold)
+            return self._prune(target, example, ratio, ignored, pruning_history(pl_module), fold, keep)
 
     def _prune(
         self,
@@ -334,8 +380,23 @@ class StructuredPruning(pl.Callback):
         ignored: list[str],
         history: Any,
         fold: InputMeans | None = None,
+        keep: dict[str, int] | None = None,
     ) -> list[dict[str, Any]]:
-        """Prune ``target`` (the real module or a dry run's copy) by the channel ratio ``ratio``; the records."""
+        """Prune ``target`` (the real module or a dry run's copy) by the channel ratio ``ratio``, or each group to its
+        ``keep`` width (``{group root: channels}``, a latency allocation's); the records."""
+        if keep is not None:
+            return prune_channels(
+                target,
+                example,
+                self.importance,
+                0.0,
+                ignored_layers=[target.get_submodule(n) for n in ignored],
+                layer_ratios=width_ratios(target, keep),
+                history=history,
+                global_pruning=False,
+                max_layer_ratio=self.max_layer_ratio,
+                fold=fold,
+            )
         return prune_channels(
             target,
             example,
@@ -403,6 +464,93 @@ class StructuredPruning(pl.Callback):
             else:
                 hi, a_hi = mid, value
         return best[0]
+
+    def _allocate(
+        self, pl_module: pl.LightningModule, target: nn.Module, example: Any, before: dict[str, float]
+    ) -> dict[str, int]:
+        """Rank 0: this step's latency-aware widths ``{group root: channels}``, meeting its MACs or latency target.
+
+        The MACs of a prefix of the greedy's moves are estimated from the convs / linears, then checked on dry runs
+        (deep copies pruned to those widths and counted as usual), the budget corrected by what they show.
+        """
+        assert self.metric is not None and self._original is not None
+        ignored = self._ignored_layers(pl_module, target, example)
+        history = pruning_history(pl_module)
+        if self.latency_table is None:
+            self.latency_table = LatencyTable()
+        allocation = LatencyAllocation(
+            target,
+            example,
+            self.importance,
+            self.latency_table,
+            ignored_layers=[target.get_submodule(n) for n in ignored],
+            history=history,
+            max_layer_ratio=self.max_layer_ratio,
+            block=self.round_to or 8,
+            lookahead=self.latency_lookahead,
+            batch_size=self.latency_batch_size,
+        )
+        if "latency" not in self._original:
+            if len(history) and self.metric == "latency":
+                raise _UnreachableTarget(
+                    f"Expected the callback state to hold the original model's latency (the target is relative to it) "
+                    f"but the module is already pruned ({len(history)} steps) and the state has none. HINT: resume "
+                    "from a checkpoint written by a run with the same target."
+                )
+            if not len(history):
+                self._original["latency"] = allocation.latency[0]
+        goal = 1.0 - self.ratios[self.steps_done]
+        name = f"target_{self.metric}_ratio"
+        if self.metric == "latency":
+            allocation.extend(latency=goal * self._original["latency"])
+            moves, reached = len(allocation.moves), allocation.latency[-1] / self._original["latency"]
+        else:
+            moves, reached = self._search_moves(allocation, target, example, ignored, history, before, goal)
+        if reached > goal * (1.0 + self.tolerance):
+            raise _UnreachableTarget(
+                f"Expected argument `{name}` ({self.target_ratio}) to be reachable but step {self.steps_done + 1} "
+                f"needs {goal:.3f} of the original {self.metric} and the latency allocation, every group down to "
+                f"`max_layer_ratio` ({self.max_layer_ratio}) or to its last block, leaves {reached:.3f}. HINT: raise "
+                f"`max_layer_ratio` or `{name}`, or lower `round_to`."
+            )
+        self._latency = (allocation.latency[0], allocation.latency[moves])
+        return allocation.widths(moves)
+
+    def _search_moves(
+        self,
+        allocation: LatencyAllocation,
+        target: nn.Module,
+        example: Any,
+        ignored: list[str],
+        history: Any,
+        before: dict[str, float],
+        goal: float,
+    ) -> tuple[int, float]:
+        """``(moves, fraction of the original MACs their dry run leaves)`` closest to ``goal`` (within tolerance / 3
+        if the estimates allow), correcting the estimated budget by each dry run."""
+        assert self._original is not None
+        original = max(self._original["macs"], 1.0)
+        if before["macs"] / original <= goal * (1.0 + self.tolerance):
+            return 0, before["macs"] / original  # already small enough
+        scale = before["macs"] / max(allocation.macs[0], 1.0)  # the counter also counts BatchNorms, activations, ...
+        budget = goal * original / scale  # in the allocation's units
+        tried: dict[int, float] = {}
+        for _ in range(self.search_iterations):
+            allocation.extend(macs=budget)
+            moves = next((i for i, m in enumerate(allocation.macs) if m <= budget), len(allocation.moves))
+            if moves > 0 and abs(allocation.macs[moves - 1] - budget) < abs(allocation.macs[moves] - budget):
+                moves -= 1
+            if moves in tried:
+                break
+            trial = copy.deepcopy(target)
+            with restored(trial, keep_grads=True):
+                self._prune(trial, example, 0.0, ignored, history, keep=allocation.widths(moves))
+            tried[moves] = value = model_stats(trial, example)["macs"] / original
+            if abs(value / goal - 1.0) < self.tolerance / 3:
+                break
+            budget *= goal / value
+        moves = min(tried, key=lambda n: abs(tried[n] / goal - 1.0))
+        return moves, tried[moves]
 
     def _calibrate(
         self,
@@ -508,10 +656,16 @@ class StructuredPruning(pl.Callback):
         if self.metric is not None and self._original is not None:
             for key in ("params", "macs"):  # of the original model, as the target
                 metrics[f"prune/{key}_of_original"] = after[key] / max(self._original[key], 1.0)
+            if self._latency is not None:  # the latency table's estimate (convs / linears alone)
+                metrics["prune/latency_estimate_ms"] = self._latency[1]
+                if "latency" in self._original:
+                    metrics["prune/latency_of_original"] = self._latency[1] / max(self._original["latency"], 1e-9)
             goal = (
                 f", {self.metric} target {1.0 - self.ratios[self.steps_done - 1]:.2f}, "
                 f"achieved {metrics[f'prune/{self.metric}_of_original']:.2f} of the original"
             )
+            if self._latency is not None:
+                goal += f", latency (table) {self._latency[0]:.2f} → {self._latency[1]:.2f} ms"
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(
@@ -523,20 +677,23 @@ class StructuredPruning(pl.Callback):
 
 
 class _UnreachableTarget(Exception):
-    """Rank 0 found a step's MACs/params target out of reach; raised on every rank as a misconfiguration."""
+    """Rank 0 found a step's target out of reach (or what it is relative to missing); raised on every rank as a
+    misconfiguration."""
 
 
-def _resolve_target(
-    pruning_ratio: float | None, macs: float | None, params: float | None
-) -> tuple[str | None, float | None]:
+def _resolve_target(pruning_ratio: float | None, targets: dict[str, float | None]) -> tuple[str | None, float | None]:
     """``(metric, target)`` from the mutually exclusive ways to say how much to prune; ``(None, None)`` for channels."""
-    if macs is not None and params is not None:
+    given = {f"target_{metric}_ratio": value for metric, value in targets.items() if value is not None}
+    if len(given) > 1:
+        names = [f"`target_{metric}_ratio`" for metric in targets]
         raise ValueError(
-            f"Expected at most one of `target_macs_ratio` and `target_params_ratio` but got {macs!r} and {params!r}."
+            f"Expected at most one of {', '.join(names[:-1])} and {names[-1]} but got "
+            + " and ".join(f"{k}={v!r}" for k, v in given.items())
+            + "."
         )
-    name, value = ("target_macs_ratio", macs) if macs is not None else ("target_params_ratio", params)
-    if value is None:
+    if not given:
         return None, None
+    ((name, value),) = given.items()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         raise ValueError(f"Expected argument `{name}` to be a float in (0, 1) but got {value!r}.")
     if pruning_ratio is not None:
@@ -545,6 +702,37 @@ def _resolve_target(
             "replaces the channel ratio; drop `pruning_ratio`."
         )
     return name.split("_")[1], float(value)
+
+
+_ALLOCATIONS = ("importance", "latency")
+
+
+def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any, layer_ratios: Any) -> str:
+    """``allocation``, checked against the target it needs (a latency target needs the latency allocation)."""
+    if allocation not in _ALLOCATIONS:
+        raise ValueError(f"Expected argument `allocation` to be one of {list(_ALLOCATIONS)} but got {allocation!r}.")
+    if allocation == "latency" and metric not in ("macs", "latency"):
+        given = (
+            "`target_params_ratio`"
+            if metric == "params"
+            else ("neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`")
+        )
+        raise ValueError(
+            f"Expected `target_macs_ratio` or `target_latency_ratio` with allocation='latency' but got {given}. "
+            "HINT: the latency allocation removes channels until a MACs or latency budget is met, e.g. "
+            "`target_macs_ratio=0.5`."
+        )
+    if metric == "latency" and allocation != "latency":
+        raise ValueError(
+            f"Expected argument `allocation` to be 'latency' with `target_latency_ratio` but got {allocation!r}. "
+            "HINT: latency is estimated by the latency allocation's table; pass `allocation='latency'`."
+        )
+    if allocation == "latency" and layer_ratios:
+        raise ValueError(
+            f"Expected argument `layer_ratios` to be None with allocation='latency' but got {layer_ratios!r}. HINT: "
+            "the latency allocation decides every layer's width; keep a layer as it is with `ignored_layers`."
+        )
+    return str(allocation)
 
 
 _SINGLE_DEVICE = ("SingleDeviceStrategy", "SingleDeviceXLAStrategy")

@@ -72,7 +72,8 @@ class NetworkSlimming(StructuredPruning):
             raise ValueError(
                 f"Expected argument `min_channels_ratio` to be a float in (0, 1) but got {min_channels_ratio!r}."
             )
-        given = {k: kwargs.pop(k) for k in ("pruning_ratio", "target_macs_ratio", "target_params_ratio") if k in kwargs}
+        targets = ("pruning_ratio", "target_macs_ratio", "target_params_ratio", "target_latency_ratio")
+        given = {k: kwargs.pop(k) for k in targets if k in kwargs}
         for name, value in given.items():
             if value is not None:
                 raise ValueError(

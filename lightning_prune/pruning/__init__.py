@@ -1,4 +1,4 @@
-"""Structured pruning without the Trainer: criteria, calibration, the pruning step, schedules,
+"""Structured pruning without the Trainer: criteria, calibration, the pruning step, latency-aware allocation, schedules,
 a replayable history, optimizer patching, sparsity regularization, bias folding; fine-grained magnitude masks and their
 storage size."""
 
@@ -7,6 +7,7 @@ from lightning_prune.pruning.channels import check_traceable, output_layers, pru
 from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
 from lightning_prune.pruning.history import PruningHistory, apply_records, group_records, resize_to_state_dict
 from lightning_prune.pruning.importance import IMPORTANCES, ActivationImportance, resolve_importance
+from lightning_prune.pruning.latency import LatencyAllocation, LatencyTable
 from lightning_prune.pruning.masks import (
     add_mask_buffers,
     apply_masks,
@@ -35,6 +36,8 @@ __all__ = [
     "ActivationImportance",
     "Calibration",
     "InputMeans",
+    "LatencyAllocation",
+    "LatencyTable",
     "PruningHistory",
     "PruningTracker",
     "add_l1_subgradient",

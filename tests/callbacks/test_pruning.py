@@ -533,6 +533,7 @@ if __name__ == "__main__":
         # calibration on both ranks, gradients and input means averaged (SyncBatchNorm needs GPUs)
         ("ddp", "adamw", "taylor", {"fold_bias": True}),
         ("ddp_spawn", "adamw", "random", {"target_macs_ratio": 0.6}),
+        ("ddp", "sgd", "random", {"target_macs_ratio": 0.6, "allocation": "latency"}),  # rank 0 measures, decides
     ],
 )
 def test_ddp_ranks_prune_identically_and_keep_training(tmp_path, strategy, optimizer, importance, prune_kwargs):

@@ -90,7 +90,8 @@ def test_resumed_callback_measures_against_the_stored_original():
         fresh.on_train_epoch_start(fake_trainer(epoch=1), model)
 
 
-def test_search_leaves_the_real_model_untouched(monkeypatch):
+@pytest.mark.parametrize("allocation", ["importance", "latency"])
+def test_search_leaves_the_real_model_untouched(monkeypatch, allocation):
     model = FAMILIES["yolov8"]()
     model.backbone.requires_grad_(False)  # frozen layers are unfrozen on the copies only
     model.neck.eval()
@@ -99,16 +100,21 @@ def test_search_leaves_the_real_model_untouched(monkeypatch):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     seen: dict[str, Any] = {}
 
-    def snapshot(self, trainer, pl_module, target, example, ratio, fold):  # replaces the real pruning, after search
-        seen["ratio"] = ratio
+    def snapshot(self, trainer, pl_module, target, example, ratio, fold, keep=None):  # the real pruning, after search
+        seen["ratio"], seen["keep"] = ratio, keep
         seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
         seen["modes"] = {n: m.training for n, m in pl_module.named_modules()}
         seen["flags"] = {n: p.requires_grad for n, p in pl_module.named_parameters()}
         return []
 
     monkeypatch.setattr(StructuredPruning, "_decide_and_prune", snapshot)
-    StructuredPruning(target_macs_ratio=0.6).on_train_epoch_start(fake_trainer(), model)
-    assert 0.0 < seen["ratio"] < 0.95
+    callback = StructuredPruning(target_macs_ratio=0.6, allocation=allocation)
+    callback.latency_table = lambda layer, c_in, c_out: layer.macs(c_in, c_out) * 1e-6  # with allocation="latency"
+    callback.on_train_epoch_start(fake_trainer(), model)
+    if allocation == "latency":  # the latency allocation's dry runs and tracing
+        assert seen["keep"] and all(w % 8 == 0 for w in seen["keep"].values())
+    else:
+        assert 0.0 < seen["ratio"] < 0.95 and seen["keep"] is None
     assert list(seen["state"]) == list(state)
     assert all(torch.equal(seen["state"][k], state[k]) for k in state)
     assert seen["modes"] == modes and seen["flags"] == flags
@@ -133,7 +139,8 @@ def test_docstring_example():
     [
         (
             {"target_macs_ratio": 0.5, "target_params_ratio": 0.5},
-            r"Expected at most one of `target_macs_ratio` and `target_params_ratio` but got 0.5 and 0.5.",
+            r"Expected at most one of `target_macs_ratio`, `target_params_ratio` and `target_latency_ratio` but got "
+            r"target_macs_ratio=0.5 and target_params_ratio=0.5.",
         ),
         ({"target_macs_ratio": 1.0}, r"Expected argument `target_macs_ratio` to be a float in \(0, 1\) but got 1.0."),
         ({"target_params_ratio": 0}, r"Expected argument `target_params_ratio` to be a float in \(0, 1\) but got 0."),
