@@ -28,6 +28,7 @@ from lightning_prune.pruning.schedules import (
     resolve_schedule,
     to_torch_pruning_scheduler,
 )
+from lightning_prune.pruning.sensitivity import SensitivityAnalysis, SensitivityResult, load_layer_ratios, merge_results
 from lightning_prune.pruning.sparsity import add_l1_subgradient, bn_groups
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "LatencyTable",
     "PruningHistory",
     "PruningTracker",
+    "SensitivityAnalysis",
+    "SensitivityResult",
     "add_l1_subgradient",
     "add_mask_buffers",
     "apply_masks",
@@ -52,9 +55,11 @@ __all__ = [
     "geometric",
     "group_records",
     "linear",
+    "load_layer_ratios",
     "magnitude_masks",
     "make_permanent",
     "masked_parameters",
+    "merge_results",
     "one_shot",
     "output_layers",
     "prune_channels",
