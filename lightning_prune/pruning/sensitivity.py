@@ -54,7 +54,6 @@ from torch import nn
 from torch_pruning import ops
 from torch_pruning.pruner.importance import Importance
 
-from lightning_prune.adapters.c2f import is_chunked_c2f
 from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.importance import needs_calibration, resolve_importance
 from lightning_prune.pruning.tracing import restored
@@ -291,6 +290,8 @@ class SensitivityAnalysis:
         self.model, self.example_input, self.evaluate = model, example_input, evaluate
         names = [n for n, _ in model.named_modules()]
         ignored = [n for p in _patterns(ignored_layers, "ignored_layers", names) for n in names if p.fullmatch(n)]
+        from lightning_prune.adapters.c2f import is_chunked_c2f  # here: adapters import models, which import pruning
+
         for name, module in model.named_modules():
             if is_chunked_c2f(module):
                 raise ValueError(
