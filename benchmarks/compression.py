@@ -1,7 +1,8 @@
 """What a user ships: the compression report of a pruned + distilled detector, with ONNX Runtime and INT8 rows.
 
 Usage: python benchmarks/compression.py [--recipe recipes/shapes/yolov8n.yaml] [--baseline CKPT | --baseline_epochs N]
-       [--finetune_epochs 5] [--calibration_images 64] [--repeats 20] [--out DIR] [--results benchmarks/RESULTS.md]
+       [--finetune_epochs 5] [--prune "{allocation: latency}"] [--calibration_images 64] [--repeats 20] [--out DIR]
+       [--results benchmarks/RESULTS.md]
        [extra LightningCLI arguments for every stage ...]
 
 1. Trains the recipe's model (or takes ``--baseline``), prunes it one-shot to half its MACs (StructuredPruning,
@@ -56,7 +57,13 @@ PRUNE = {
 
 
 def train(
-    shared: dict[str, Any], out: Path, baseline: Path | None, epochs: int, baseline_epochs: int | None, extra: list[str]
+    shared: dict[str, Any],
+    out: Path,
+    baseline: Path | None,
+    epochs: int,
+    baseline_epochs: int | None,
+    prune: dict[str, Any],
+    extra: list[str],
 ) -> Path:
     """Baseline (unless given) → one-shot prune → finetune with FM-NMS from the baseline; the output folder."""
     teacher = str(baseline) if baseline is not None else "{out}/baseline.ckpt"
@@ -71,7 +78,7 @@ def train(
         ],
     }
     first = {"trainer": {"max_epochs": baseline_epochs}} if baseline_epochs else {}
-    recipe = {**shared, "pipeline": {"baseline": first, "prune": {"callbacks": [PRUNE]}, "finetune": finetune}}
+    recipe = {**shared, "pipeline": {"baseline": first, "prune": {"callbacks": [prune]}, "finetune": finetune}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_pipeline(out / "recipe.yaml", out / "out", *(["--baseline", str(baseline)] if baseline else []), *extra)
@@ -121,6 +128,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--baseline", type=Path, help="trained checkpoint of the recipe's model (default: train one)")
     parser.add_argument("--baseline_epochs", type=int, help="baseline training epochs (default: the recipe's)")
     parser.add_argument("--finetune_epochs", type=int, default=5)
+    parser.add_argument(
+        "--prune", help="StructuredPruning arguments over the defaults, as YAML: '{allocation: latency}'"
+    )
     parser.add_argument("--calibration_images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per latency")
     parser.add_argument("--out", type=Path, help="runs folder (default: a temporary one)")
@@ -130,7 +140,8 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         start = time.perf_counter()
-        stages = train(shared, out / "runs", args.baseline, args.finetune_epochs, args.baseline_epochs, extra)
+        prune = {**PRUNE, "init_args": {**PRUNE["init_args"], **yaml.safe_load(args.prune or "{}")}}
+        stages = train(shared, out / "runs", args.baseline, args.finetune_epochs, args.baseline_epochs, prune, extra)
         train_s = time.perf_counter() - start
         model_class = shared["model"]["class_path"]
         baseline = load_module(args.baseline or stages / "baseline.ckpt", model_class)
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> str:
                 else f"baseline trained {args.baseline_epochs or 'the recipe'}"
                 + (" epochs" if args.baseline_epochs else "'s epochs")
             )
-            + f"; one-shot StructuredPruning (l2, round_to 8) to half the MACs; {args.finetune_epochs} finetune epochs"
+            + f"; one-shot StructuredPruning ({prune['init_args']}); {args.finetune_epochs} finetune epochs"
             f" with FM-NMS distillation from the baseline; INT8 = ONNX Runtime static QDQ, entropy calibration on "
             f"{args.calibration_images} training images. Training {train_s / 60:.1f} min, report {report_s:.0f} s.",
             "",
