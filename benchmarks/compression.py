@@ -17,7 +17,8 @@ Usage: python benchmarks/compression.py [--recipe recipes/shapes/yolov8n.yaml] [
 Targets (issue #6): INT8 file <= 0.3 × the fp32 ONNX file; INT8 mAP50-95 >= fp32 - 1.0 point; speedup fidelity
 (latency speedup ÷ MACs reduction) >= 0.9 at -50% MACs, batch 1 and 8, CPU eager and ONNX Runtime.
 
-Writes the section "compression" of benchmarks/RESULTS.md.
+Writes the section "compression" of benchmarks/RESULTS.md (``--section``: another name, e.g. for a ``--prune``
+variant: ``--prune "{allocation: latency}" --section compression_latency``).
 """
 
 from __future__ import annotations
@@ -135,10 +136,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per latency")
     parser.add_argument("--out", type=Path, help="runs folder (default: a temporary one)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
+    parser.add_argument("--section", default="compression", help="its section to write (default compression)")
     args, extra = parser.parse_known_args(argv)
     shared = {k: v for k, v in load_recipe(ROOT / args.recipe).items() if k != "pipeline"}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
+        reused = (out / "runs" / "out" / "finetune.ckpt").exists()  # the pipeline skips the stages it has done
         start = time.perf_counter()
         prune = {**PRUNE, "init_args": {**PRUNE["init_args"], **yaml.safe_load(args.prune or "{}")}}
         stages = train(shared, out / "runs", args.baseline, args.finetune_epochs, args.baseline_epochs, prune, extra)
@@ -179,7 +182,9 @@ def main(argv: list[str] | None = None) -> str:
             )
             + f"; one-shot StructuredPruning ({prune['init_args']}); {args.finetune_epochs} finetune epochs"
             f" with FM-NMS distillation from the baseline; INT8 = ONNX Runtime static QDQ, entropy calibration on "
-            f"{args.calibration_images} training images. Training {train_s / 60:.1f} min, report {report_s:.0f} s.",
+            f"{args.calibration_images} training images. "
+            + ("Stages reused from an earlier run in `--out`" if reused else f"Training {train_s / 60:.1f} min")
+            + f", report {report_s:.0f} s.",
             "",
             format_report(rows, shape),
             "",
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> str:
             *(f"| {m} | {r['mb']:.2f} | {r['mAP50']:.4f} | {r['mAP']:.4f} |" for m, r in ablation.items()),
         ]
     )
-    write_section("compression", body, args.results)
+    write_section(args.section, body, args.results)
     print(body)
     return body
 
