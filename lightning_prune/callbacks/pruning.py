@@ -80,7 +80,7 @@ class StructuredPruning(pl.Callback):
 
     Args:
         pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
-            default 0.5. Cannot be combined with a target.
+            default 0.5; 0 with ``layer_ratios`` to prune only those layers. Cannot be combined with a target.
         target_macs_ratio: fraction of the original model's MACs left after the last step, in (0, 1).
         target_params_ratio: fraction of the original model's parameters left after the last step, in (0, 1).
         importance: channel criterion name (see :mod:`lightning_prune.pruning.importance`) or an ``Importance``.
@@ -186,8 +186,11 @@ class StructuredPruning(pl.Callback):
         self.latency_table: Cost | None = None
         self._latency: tuple[float, float] | None = None  # the table's estimate before / after this step (rank 0)
         reduction = 1.0 - self.target_ratio if self.metric else pruning_ratio
-        self.ratios = build_schedule(schedule, 0.5 if reduction is None else reduction, len(epochs))
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
+        if reduction == 0 and not isinstance(reduction, bool) and self.layer_ratios:
+            self.ratios = [0.0] * len(epochs)  # only the layers of `layer_ratios` (e.g. a sensitivity YAML) shrink
+        else:
+            self.ratios = build_schedule(schedule, 0.5 if reduction is None else reduction, len(epochs))
         self.importance = resolve_importance(importance)
         if round_to is not None and not (is_int(round_to) and round_to >= 1):
             raise ValueError(f"Expected argument `round_to` to be None or an int >= 1 but got {round_to!r}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from lightning_prune.callbacks import StructuredPruning, pruning_history
 from lightning_prune.models.base import count_parameters
 from lightning_prune.models.yolov3 import YOLOv3
 from lightning_prune.models.yolov8 import YOLOv8
+from lightning_prune.pruning.channels import layer_widths
 
 FAMILIES = {
     "yolov3": lambda: YOLOv3("tiny", num_classes=2, img_size=64),
@@ -285,6 +287,20 @@ def test_layer_ratios_prune_named_layers_by_their_own_ratio_on_the_schedule():
     for n in named:  # what the step log reports
         assert callback.layer_widths[0][n] == (widths[n], half[n])
         assert callback.layer_widths[1][n] == (half[n], convs[n].out_channels)
+
+
+def test_pruning_ratio_zero_prunes_only_the_layer_ratios():
+    model = FAMILIES["yolov3"]()
+    widths = layer_widths(model)
+    named = max((n for n in widths if n.startswith("backbone.")), key=widths.get)
+    callback = StructuredPruning(pruning_ratio=0.0, layer_ratios={re.escape(named): 0.5}, global_pruning=False)
+    callback.on_train_epoch_start(fake_trainer(), model)
+    changed = {n for n, w in layer_widths(model).items() if w != widths[n]}
+    assert named in changed and len(pruning_history(model)) == 1
+    coupled = {r["module"] for r in pruning_history(model).steps[0] if r["kind"] == "out"}
+    assert changed <= coupled and len(changed) < 0.2 * len(widths)  # the layer and what shares its channels, no more
+    with pytest.raises(ValueError, match=r"Expected argument `pruning_ratio` to be a float in \(0, 1\) but got 0.0."):
+        StructuredPruning(pruning_ratio=0.0)  # nothing to prune without layer_ratios
 
 
 def test_example_input_argument_replaces_example_input_array():
