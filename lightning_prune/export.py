@@ -108,7 +108,7 @@ def main(args: list[str]) -> dict[str, Any]:
             )
 
     model = load_module(known.ckpt, known.model_class)
-    example = _example(model, known.img_size)
+    example = example_input(model, known.img_size)
     output = Path(known.output) if known.output else _default_output(Path(known.ckpt), known.format)
     output.parent.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"ckpt": str(known.ckpt), "model": type(model).__name__, **model_stats(model, example)}
@@ -171,14 +171,17 @@ def _check_args(known: argparse.Namespace) -> None:
         raise ValueError(f"Expected argument `--img_size` to be a positive multiple of 32 but got {known.img_size}.")
 
 
-def _example(model: nn.Module, img_size: int | None) -> torch.Tensor:
-    if img_size is not None:
-        return torch.zeros(1, 3, img_size, img_size)
+def example_input(
+    model: nn.Module, size: int | None, option: str = "--img_size", purpose: str = "export"
+) -> torch.Tensor:
+    """A zero (1, 3, size, size) input, or else the model's ``example_input_array`` (its first image)."""
+    if size is not None:
+        return torch.zeros(1, 3, size, size)
     example = getattr(model, "example_input_array", None)
     if not isinstance(example, torch.Tensor):
         raise ValueError(
-            f"Expected `{type(model).__name__}.example_input_array` to be a tensor to export with but got "
-            f"{type(example).__name__}. HINT: pass `--img_size`."
+            f"Expected `{type(model).__name__}.example_input_array` to be a tensor to {purpose} with but got "
+            f"{type(example).__name__}. HINT: pass `{option}`."
         )
     return example[:1]
 
@@ -206,7 +209,7 @@ def _int8(model: nn.Module, fp32: Path, data: Any, folder: Path | None, known: a
     from lightning_prune.report.onnx_runtime import OnnxModel
     from lightning_prune.report.quantize import load_calibration_images, quantize_onnx
 
-    img_size = int(_example(model, known.img_size).shape[-1])
+    img_size = int(example_input(model, known.img_size).shape[-1])
     if folder is not None:
         images = load_calibration_images(folder, img_size, limit=known.num_calibration)
     else:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.export import example_input
 from lightning_prune.pruning.sensitivity import (
     DEFAULT_RATIOS,
     SensitivityAnalysis,
@@ -74,7 +75,7 @@ def main(args: list[str]) -> dict[str, Any]:
     recipe = load_recipe(known.config)
     data = _datamodule(recipe)
     model = _model(recipe, known.config, known.ckpt, data).to(device).eval()
-    example = _example(model, known.trace_size).to(device)
+    example = example_input(model, known.trace_size, "--trace_size", "trace").to(device)
     batches = list(itertools.islice(data.val_dataloader(), known.val_batches))  # loaded once, not per trial
 
     def evaluate(pruned: nn.Module) -> float:
@@ -214,18 +215,6 @@ def _model(recipe: dict[str, Any], config: str, ckpt: str | None, data: Any) -> 
             "mAP with, but it has none."
         )
     return model
-
-
-def _example(model: nn.Module, trace_size: int | None) -> torch.Tensor:
-    if trace_size is not None:
-        return torch.zeros(1, 3, trace_size, trace_size)
-    example = getattr(model, "example_input_array", None)
-    if not isinstance(example, torch.Tensor):
-        raise ValueError(
-            f"Expected `{type(model).__name__}.example_input_array` to be a tensor to trace with but got "
-            f"{type(example).__name__}. HINT: pass `--trace_size`."
-        )
-    return example[:1]
 
 
 def _progress(rank: int, groups: int, ratios: int, start: float) -> Any:

@@ -37,6 +37,17 @@ class C2fTwoConv(nn.Module):
         return self.cv2(torch.cat(ys, 1))
 
 
+def refuse_chunked_c2f(model: nn.Module, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming the first chunked C2f of ``model``: torch-pruning 1.6 cannot trace one (convert first)."""
+    for name, module in model.named_modules():
+        if is_chunked_c2f(module):
+            raise error(
+                f"Expected a model torch-pruning can trace but `{name}` ({type(module).__name__}) splits a conv's "
+                "output with chunk/split, which torch-pruning 1.6 cannot follow. HINT: convert it first with "
+                "`lightning_prune.adapters.convert_c2f(model)` (outputs unchanged)."
+            )
+
+
 def is_chunked_c2f(module: nn.Module) -> bool:
     """Whether ``module`` has the Ultralytics C2f layout: ``cv1.conv`` (c1 → 2c), ``cv2.conv`` ((2 + n)c → c2), ``m``.
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch_pruning.pruner.importance import Importance
 from typing_extensions import override
 
-from lightning_prune.adapters.c2f import is_chunked_c2f
+from lightning_prune.adapters.c2f import refuse_chunked_c2f
 from lightning_prune.callbacks._modules import (
     adapter_output_layers,
     check_patterns_match,
@@ -229,13 +229,7 @@ class StructuredPruning(pl.Callback):
         check_patterns_match(target, "ignored_layers", self.patterns)
         check_patterns_match(target, "layer_ratios", list(self.layer_ratios))
         if stage == "fit" and self.steps_done < len(self.epochs):
-            for name, module in target.named_modules():
-                if is_chunked_c2f(module):
-                    raise MisconfigurationException(
-                        f"Expected a model torch-pruning can trace but `{name}` ({type(module).__name__}) splits a "
-                        "conv's output with chunk/split, which torch-pruning 1.6 cannot follow. HINT: convert it "
-                        "first with `lightning_prune.adapters.convert_c2f(model)` (outputs unchanged)."
-                    )
+            refuse_chunked_c2f(target, MisconfigurationException)
             try:
                 graph = check_traceable(target, self._example_input(pl_module, target))
             except ValueError as err:

@@ -290,15 +290,11 @@ class SensitivityAnalysis:
         self.model, self.example_input, self.evaluate = model, example_input, evaluate
         names = [n for n, _ in model.named_modules()]
         ignored = [n for p in _patterns(ignored_layers, "ignored_layers", names) for n in names if p.fullmatch(n)]
-        from lightning_prune.adapters.c2f import is_chunked_c2f  # here: adapters import models, which import pruning
+        from lightning_prune.adapters.c2f import (
+            refuse_chunked_c2f,  # here: adapters import models, which import pruning
+        )
 
-        for name, module in model.named_modules():
-            if is_chunked_c2f(module):
-                raise ValueError(
-                    f"Expected a model torch-pruning can trace but `{name}` ({type(module).__name__}) splits a conv's "
-                    "output with chunk/split, which torch-pruning 1.6 cannot follow. HINT: convert it first with "
-                    "`lightning_prune.adapters.convert_c2f(model)` (outputs unchanged)."
-                )
+        refuse_chunked_c2f(model)
         traced = _copy(model)  # tracing clears gradients (a calibrated Taylor criterion reads them on the copies)
         graph = check_traceable(traced, example_input)
         adapter = getattr(model, "adapter", None)
