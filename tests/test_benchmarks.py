@@ -97,3 +97,15 @@ def test_compression_writes_its_section(tmp_path):
     )
     for row in rows:
         assert row in body
+
+
+@pytest.mark.slow
+def test_distillation_step_only_writes_its_own_section(tmp_path):
+    from test_pipeline import tiny
+
+    recipe = tiny(tmp_path, ROOT / "recipes/shapes/yolov3-slim.yaml")
+    results = tmp_path / "RESULTS.md"
+    args = ["--recipe", str(recipe), "--step_only", "--steps", "3", "--rounds", "1", "--results", str(results)]
+    body = load("distillation").main(args)
+    assert "<!-- distillation_step:start -->" in results.read_text() and "distillation:start" not in results.read_text()
+    assert "teacher forward" in body
