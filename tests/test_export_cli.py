@@ -143,6 +143,8 @@ def test_bad_input(pruned_ckpt, tmp_path, monkeypatch):
         main(["--ckpt", str(ckpt), "--int8", "--calibration", str(tmp_path / "nowhere")])
     with pytest.raises(ValueError, match=r"Expected argument `--calibration_method` to be one of"):
         main(["--ckpt", str(ckpt), "--int8", "--calibration", str(tmp_path), "--calibration_method", "kl"])
+    with pytest.raises(ValueError, match=r"Expected argument `--atol` to be > 0 but got 0.0."):
+        main(["--ckpt", str(ckpt), "--atol", "0"])
     with pytest.raises(ValueError, match=r"Expected argument `--img_size` to be a positive multiple of 32"):
         main(["--ckpt", str(ckpt), "--img_size", "50"])
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
