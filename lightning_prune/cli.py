@@ -96,6 +96,14 @@ def load_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return merge_configs(merged, config)
 
 
+def recipe_datamodule(recipe: dict[str, Any]) -> DetectionDataModule:
+    """The data module a recipe's ``data`` section builds (plain init args or ``class_path``/``init_args``), not set
+    up: what commands outside ``fit`` (export, sensitivity) read the recipe's images from."""
+    data = recipe.get("data") or {}
+    init = data.get("init_args", data) if isinstance(data, dict) else {}
+    return DetectionDataModule(**{k: v for k, v in init.items() if k != "class_path"})
+
+
 def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """``override`` merged over ``base``: mappings key by key (``override`` wins), any other value replaced."""
     out = dict(base)

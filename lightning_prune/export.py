@@ -168,8 +168,13 @@ def _check_args(known: argparse.Namespace) -> None:
         raise ValueError(f"Expected argument `--atol` to be > 0 but got {known.atol}.")
     if known.num_calibration < 1:
         raise ValueError(f"Expected argument `--num_calibration` to be >= 1 but got {known.num_calibration}.")
-    if known.img_size is not None and (known.img_size < 32 or known.img_size % 32):
-        raise ValueError(f"Expected argument `--img_size` to be a positive multiple of 32 but got {known.img_size}.")
+    check_input_side(known.img_size, "--img_size")
+
+
+def check_input_side(size: int | None, option: str) -> None:
+    """``None`` or a positive multiple of 32 (the detectors' largest stride), or a ``ValueError`` naming ``option``."""
+    if size is not None and (size < 32 or size % 32):
+        raise ValueError(f"Expected argument `{option}` to be a positive multiple of 32 but got {size}.")
 
 
 def example_input(
@@ -192,14 +197,10 @@ def _default_output(ckpt: Path, fmt: str) -> Path:
 
 
 def _datamodule(config: str) -> Any:
-    """The recipe's data module, set up for fitting, with an unaugmented view of its training split."""
-    from lightning_prune.cli import load_recipe
-    from lightning_prune.data import DetectionDataModule
+    """The recipe's data module, set up for fitting (calibration reads its training split)."""
+    from lightning_prune.cli import load_recipe, recipe_datamodule
 
-    recipe = load_recipe(config)
-    data = recipe.get("data") or {}
-    init = data.get("init_args", data) if isinstance(data, dict) else {}
-    dm = DetectionDataModule(**{k: v for k, v in init.items() if k != "class_path"})
+    dm = recipe_datamodule(load_recipe(config))
     dm.setup("fit")
     return dm
 

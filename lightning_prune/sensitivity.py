@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.export import example_input
+from lightning_prune.export import check_input_side, example_input
 from lightning_prune.pruning.sensitivity import (
     DEFAULT_RATIOS,
     SensitivityAnalysis,
@@ -155,10 +155,7 @@ def _check_args(known: argparse.Namespace) -> list[float]:
         raise ValueError(f"Expected argument `--val_batches` to be an int >= 1 but got {known.val_batches}.")
     if not known.max_drop >= 0:
         raise ValueError(f"Expected argument `--max_drop` to be a float >= 0 (mAP points) but got {known.max_drop}.")
-    if known.trace_size is not None and (known.trace_size < 32 or known.trace_size % 32):
-        raise ValueError(
-            f"Expected argument `--trace_size` to be a positive multiple of 32 but got {known.trace_size}."
-        )
+    check_input_side(known.trace_size, "--trace_size")
     return ratios
 
 
@@ -172,11 +169,9 @@ def _device(name: str) -> torch.device:
 
 def _datamodule(recipe: dict[str, Any]) -> Any:
     """The recipe's data module, its validation split set up."""
-    from lightning_prune.data import DetectionDataModule
+    from lightning_prune.cli import recipe_datamodule
 
-    data = recipe.get("data") or {}
-    init = data.get("init_args", data) if isinstance(data, dict) else {}
-    dm = DetectionDataModule(**{k: v for k, v in init.items() if k != "class_path"})
+    dm = recipe_datamodule(recipe)
     dm.setup("validate")
     return dm
 
