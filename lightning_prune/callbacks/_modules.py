@@ -4,6 +4,7 @@ with, and the module-name regexes they are configured with. Errors name the argu
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -93,6 +94,15 @@ def check_patterns_match(target: nn.Module, argument: str, patterns: list[re.Pat
                 f"Expected every pattern of `{argument}` to match a module name but {pattern.pattern!r} matches "
                 f"none. HINT: names are as in `model.named_modules()`, e.g. {names[1:4]}."
             )
+
+
+def check_epochs(epochs: Any) -> list[int]:
+    """``epochs`` as a list: strictly increasing ints >= 0, non-empty (else the ``ValueError`` naming the argument)."""
+    if not (isinstance(epochs, (list, tuple)) and epochs and all(is_int(e) and e >= 0 for e in epochs)) or any(
+        a >= b for a, b in itertools.pairwise(epochs)
+    ):
+        raise ValueError(f"Expected argument `epochs` to be strictly increasing ints >= 0 but got {epochs!r}.")
+    return list(epochs)
 
 
 def is_int(x: Any) -> bool:

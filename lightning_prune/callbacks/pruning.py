@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -23,6 +22,7 @@ from typing_extensions import override
 from lightning_prune.adapters.c2f import refuse_chunked_c2f
 from lightning_prune.callbacks._modules import (
     adapter_output_layers,
+    check_epochs,
     check_patterns_match,
     compile_pattern,
     example_from_shape,
@@ -169,10 +169,7 @@ class StructuredPruning(pl.Callback):
             if schedule != "one_shot":
                 raise ValueError(f"Expected argument `epochs` to be a list of epochs for schedule {schedule!r}.")
             epochs = [0]
-        if not (isinstance(epochs, (list, tuple)) and epochs and all(is_int(e) and e >= 0 for e in epochs)) or any(
-            a >= b for a, b in itertools.pairwise(epochs)
-        ):
-            raise ValueError(f"Expected argument `epochs` to be strictly increasing ints >= 0 but got {epochs!r}.")
+        epochs = check_epochs(epochs)
         targets = {"macs": target_macs_ratio, "params": target_params_ratio, "latency": target_latency_ratio}
         self.metric, self.target_ratio = _resolve_target(pruning_ratio, targets)
         self.allocation = _resolve_allocation(allocation, self.metric, pruning_ratio, layer_ratios)

@@ -16,7 +16,13 @@ from typing_extensions import override
 from lightning_prune.callbacks._modules import copy_module, example_from_shape, is_int, resolve_example
 from lightning_prune.pruning.channels import layer_widths
 from lightning_prune.pruning.checkpoint import pruning_history
-from lightning_prune.report.compression import RUNTIMES, compression_report, report_metrics, write_report
+from lightning_prune.report.compression import (
+    RUNTIMES,
+    check_batch_sizes,
+    compression_report,
+    report_metrics,
+    write_report,
+)
 from lightning_prune.report.quantize import CALIBRATION_METHODS
 from lightning_prune.report.summary import model_stats
 
@@ -82,11 +88,7 @@ class CompressionReport(pl.Callback):
         example_input: Any = None,
     ) -> None:
         self.dirpath = dirpath
-        self.batch_sizes = [1, 8] if batch_sizes is None else list(batch_sizes)
-        if not self.batch_sizes or not all(is_int(b) and b >= 1 for b in self.batch_sizes):
-            raise ValueError(
-                f"Expected argument `batch_sizes` to be a non-empty list of ints >= 1 but got {batch_sizes!r}."
-            )
+        self.batch_sizes = [1, 8] if batch_sizes is None else check_batch_sizes(batch_sizes)
         if runtimes is not None and (not runtimes or any(r not in RUNTIMES for r in runtimes)):
             raise ValueError(
                 f"Expected argument `runtimes` to be None or a non-empty list among {list(RUNTIMES)} but got "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,6 +14,7 @@ from typing_extensions import override
 
 from lightning_prune.callbacks._modules import (
     adapter_output_layers,
+    check_epochs,
     check_patterns_match,
     compile_pattern,
     is_int,
@@ -248,8 +248,4 @@ def _resolve_epochs(schedule: Any, epochs: Any, every_n_epochs: Any, steps: Any)
                 f"Expected argument `epochs` (or `every_n_epochs` and `steps`) to be given for schedule {schedule!r}."
             )
         return [0]
-    if not (isinstance(epochs, (list, tuple)) and epochs and all(is_int(e) and e >= 0 for e in epochs)) or any(
-        a >= b for a, b in itertools.pairwise(epochs)
-    ):
-        raise ValueError(f"Expected argument `epochs` to be strictly increasing ints >= 0 but got {epochs!r}.")
-    return list(epochs)
+    return check_epochs(epochs)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.pruning.tracing import restored
 from lightning_prune.report.evaluate import Postprocess, evaluate_map
 from lightning_prune.report.latency import latency_ms
 from lightning_prune.report.summary import model_stats
@@ -84,7 +85,7 @@ def compression_report(
     if not models:
         raise ValueError("Expected argument `models` to map row names to models but got an empty mapping.")
     runtimes = _resolve_runtimes(runtimes, out_dir)
-    sizes = _check_batch_sizes(batch_sizes)
+    sizes = check_batch_sizes(batch_sizes)
     if (int8 or "ort" in runtimes) and out_dir is None:
         raise ValueError("Expected argument `out_dir` to be set for ONNX Runtime latency and INT8 but got None.")
     if int8 and calibration is None:
@@ -271,7 +272,8 @@ def _resolve_runtimes(runtimes: Sequence[str] | None, out_dir: Any) -> list[str]
     return runtimes
 
 
-def _check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
+def check_batch_sizes(batch_sizes: Sequence[int]) -> list[int]:
+    """``batch_sizes`` as a list: non-empty, ints >= 1 (else the ``ValueError`` naming the argument)."""
     sizes = list(batch_sizes)
     if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
         raise ValueError(
@@ -287,16 +289,11 @@ def _saved_mb(model: nn.Module) -> float:
 
 
 def _in_eval_mode(model: nn.Module) -> Any:
-    """Run ``model`` in eval mode, restoring every submodule's mode after each call."""
+    """Run ``model`` in eval mode, every submodule's mode given back after each call."""
 
     def forward(images: torch.Tensor) -> Any:
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
-            return model(images)
-        finally:
-            for m, training in modes.items():
-                m.train(training)
+        with restored(model, keep_grads=True):
+            return model.eval()(images)
 
     return forward
 
