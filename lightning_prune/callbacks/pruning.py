@@ -422,10 +422,7 @@ class StructuredPruning(pl.Callback):
         def achieved(ratio: float) -> float:
             if ratio == 0.0 and not self.layer_ratios:
                 return before[self.metric] / original
-            trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
-            with restored(trial, keep_grads=True):
-                self._prune(trial, example, ratio, ignored, history)
-            return model_stats(trial, example)[self.metric] / original
+            return self._dry_run(target, example, ratio, ignored, history)[self.metric] / original
 
         def error(value: float) -> float:
             return abs(value / goal - 1.0)
@@ -458,6 +455,21 @@ class StructuredPruning(pl.Callback):
             else:
                 hi, a_hi = mid, value
         return best[0]
+
+    def _dry_run(
+        self,
+        target: nn.Module,
+        example: Any,
+        ratio: float,
+        ignored: list[str],
+        history: Any,
+        keep: dict[str, int] | None = None,
+    ) -> dict[str, float]:
+        """The stats of a deep copy of ``target`` pruned as this step would (``target`` itself untouched)."""
+        trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
+        with restored(trial, keep_grads=True):
+            self._prune(trial, example, ratio, ignored, history, keep=keep)
+        return model_stats(trial, example)
 
     def _allocate(
         self, pl_module: pl.LightningModule, target: nn.Module, example: Any, before: dict[str, float]
@@ -536,10 +548,8 @@ class StructuredPruning(pl.Callback):
                 moves -= 1
             if moves in tried:
                 break
-            trial = copy.deepcopy(target)
-            with restored(trial, keep_grads=True):
-                self._prune(trial, example, 0.0, ignored, history, keep=allocation.widths(moves))
-            tried[moves] = value = model_stats(trial, example)["macs"] / original
+            stats = self._dry_run(target, example, 0.0, ignored, history, keep=allocation.widths(moves))
+            tried[moves] = value = stats["macs"] / original
             if abs(value / goal - 1.0) < self.tolerance / 3:
                 break
             budget *= goal / value
