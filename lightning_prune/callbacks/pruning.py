@@ -30,6 +30,12 @@ from lightning_prune.callbacks._modules import (
     resolve_example,
     resolve_target,
 )
+from lightning_prune.pruning.allocation import (
+    SensitivityAllocation,
+    bracket_search,
+    check_sensitivity_model,
+    load_sensitivity,
+)
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_state, set_pruning_root
@@ -78,6 +84,13 @@ class StructuredPruning(pl.Callback):
     Paper: Shen et al., "Structural Pruning via Latency-Saliency Knapsack" (NeurIPS 2022),
     https://arxiv.org/abs/2110.10811
 
+    With ``allocation="sensitivity"`` the widths come from a sensitivity table (``lightning-prune sensitivity``:
+    each group pruned alone at several ratios, the mAP measured): rank 0 spends the step's MACs (or params) budget
+    on the groups that lose the least measured mAP per MAC saved, at equal marginal loss across groups
+    (:class:`~lightning_prune.pruning.allocation.SensitivityAllocation`), the point along that allocation found by
+    the same search on dry runs as the targets; channels within a group go by ``importance``. Groups the table
+    lacks keep their width.
+
     Args:
         pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
             default 0.5; 0 with ``layer_ratios`` to prune only those layers. Cannot be combined with a target.
@@ -109,12 +122,16 @@ class StructuredPruning(pl.Callback):
             a shape such as ``[1, 3, 320, 320]`` for a zero tensor (handy in YAML); default its (or the
             LightningModule's) ``example_input_array``. A fully convolutional detector can be traced at a smaller
             size than it trains at (MACs ratios do not depend on it) to make each step cheaper.
-        allocation: ``"importance"`` (rank channels by the criterion, globally or per layer) or ``"latency"``
-            (latency-aware widths, see above; needs ``target_macs_ratio`` or ``target_latency_ratio``, and takes no
-            ``layer_ratios``).
+        allocation: ``"importance"`` (rank channels by the criterion, globally or per layer), ``"latency"``
+            (latency-aware widths, see above; needs ``target_macs_ratio`` or ``target_latency_ratio``) or
+            ``"sensitivity"`` (widths from ``sensitivity``, see above; needs ``target_macs_ratio`` or
+            ``target_params_ratio``). Only ``"importance"`` takes ``layer_ratios``.
         target_latency_ratio: with ``allocation="latency"``, fraction of the original model's latency (as the
             latency table sums it) left after the last step, in (0, 1); instead of the other targets.
         latency_batch_size: the batch size the latency table times layers at (deployment's), an int >= 1.
+        sensitivity: with ``allocation="sensitivity"``, the sensitivity table of the unpruned module: the path of
+            ``lightning-prune sensitivity``'s ``sensitivity.json``, its dict, or a
+            :class:`~lightning_prune.pruning.SensitivityResult`.
 
     Raises:
         ValueError: an argument is out of range or of the wrong type, ``pruning_ratio`` and a target (or two
@@ -163,6 +180,7 @@ class StructuredPruning(pl.Callback):
         allocation: str = "importance",
         target_latency_ratio: float | None = None,
         latency_batch_size: int = 1,
+        sensitivity: Any = None,
     ) -> None:
         super().__init__()
         if epochs is None:
@@ -173,6 +191,16 @@ class StructuredPruning(pl.Callback):
         targets = {"macs": target_macs_ratio, "params": target_params_ratio, "latency": target_latency_ratio}
         self.metric, self.target_ratio = _resolve_target(pruning_ratio, targets)
         self.allocation = _resolve_allocation(allocation, self.metric, pruning_ratio, layer_ratios)
+        if (self.allocation == "sensitivity") != (sensitivity is not None):
+            raise ValueError(
+                f"Expected argument `sensitivity` (a sensitivity table) exactly with allocation='sensitivity' but got "
+                f"allocation={self.allocation!r} and sensitivity={sensitivity!r:.80}. HINT: run `lightning-prune "
+                "sensitivity` and pass `allocation='sensitivity', sensitivity='<out>/sensitivity.json'`."
+            )
+        #: with ``allocation="sensitivity"``, the table (checked against the module at ``setup``)
+        self.sensitivity = None if sensitivity is None else load_sensitivity(sensitivity)
+        if self.sensitivity is not None:
+            SensitivityAllocation(self.sensitivity)  # a table without trials fails now, not at the first step
         if isinstance(latency_batch_size, bool) or not (is_int(latency_batch_size) and latency_batch_size >= 1):
             raise ValueError(
                 f"Expected argument `latency_batch_size` to be an int >= 1 but got {latency_batch_size!r}."
@@ -225,6 +253,11 @@ class StructuredPruning(pl.Callback):
         self._example_input(pl_module, target)
         check_patterns_match(target, "ignored_layers", self.patterns)
         check_patterns_match(target, "layer_ratios", list(self.layer_ratios))
+        if self.sensitivity is not None:
+            try:
+                check_sensitivity_model(self.sensitivity, target, len(pruning_history(pl_module)))
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from None
         if stage == "fit" and self.steps_done < len(self.epochs):
             refuse_chunked_c2f(target, MisconfigurationException)
             try:
@@ -312,6 +345,8 @@ class StructuredPruning(pl.Callback):
             try:
                 if self.allocation == "latency":
                     keep = self._allocate(pl_module, target, example, before)
+                elif self.allocation == "sensitivity":
+                    keep = self._allocate_sensitivity(pl_module, target, example, before)
                 else:
                     ratio = self._search_ratio(pl_module, target, example, before)
             except _UnreachableTarget as err:  # every rank raises it, none waits in the broadcast
@@ -424,9 +459,6 @@ class StructuredPruning(pl.Callback):
                 return before[self.metric] / original
             return self._dry_run(target, example, ratio, ignored, history)[self.metric] / original
 
-        def error(value: float) -> float:
-            return abs(value / goal - 1.0)
-
         start = achieved(0.0)
         if start <= goal * (1.0 + self.tolerance):
             return 0.0  # already small enough
@@ -439,22 +471,7 @@ class StructuredPruning(pl.Callback):
                 f"needs {goal:.3f} of the original {self.metric} and pruning every layer up to `max_layer_ratio` "
                 f"({self.max_layer_ratio}) leaves {reachable:.3f}. HINT: raise `max_layer_ratio` or `{name}`."
             )
-        best = (hi, reachable)
-        a_lo, a_hi = start, reachable
-        for _ in range(self.search_iterations):
-            if error(best[1]) < self.tolerance / 3:
-                break
-            # false position on the (monotone, step-wise) achieved ratio, kept off the bracket's ends
-            t = (a_lo - goal) / (a_lo - a_hi) if a_lo > a_hi else 0.5
-            mid = lo + (hi - lo) * min(max(t, 0.1), 0.9)
-            value = achieved(mid)
-            if error(value) < error(best[1]):
-                best = (mid, value)
-            if value > goal:
-                lo, a_lo = mid, value
-            else:
-                hi, a_hi = mid, value
-        return best[0]
+        return bracket_search(achieved, goal, lo, hi, (start, reachable), self.tolerance, self.search_iterations)[0]
 
     def _dry_run(
         self,
@@ -521,6 +538,49 @@ class StructuredPruning(pl.Callback):
             )
         self._latency = (allocation.latency[0], allocation.latency[moves])
         return allocation.widths(moves)
+
+    def _allocate_sensitivity(
+        self, pl_module: pl.LightningModule, target: nn.Module, example: Any, before: dict[str, float]
+    ) -> dict[str, int]:
+        """Rank 0: this step's widths ``{group: channels}`` from the sensitivity table, at the position along its
+        equal-slope allocation whose dry run meets the step's target (:mod:`lightning_prune.pruning.allocation`)."""
+        assert self.metric is not None and self._original is not None and self.sensitivity is not None
+        ignored = self._ignored_layers(pl_module, target, example)
+        history = pruning_history(pl_module)
+        allocation = SensitivityAllocation(self.sensitivity, self.round_to, self.max_layer_ratio)
+        current = layer_widths(target)
+        skip = set(ignored)
+        goal = 1.0 - self.ratios[self.steps_done]
+        original = max(self._original[self.metric], 1.0)
+
+        def keep(position: float) -> dict[str, int]:
+            widths = allocation.widths(position)
+            return {g: c for g, c in widths.items() if g not in skip and c < current[g]}
+
+        def achieved(position: float) -> float:
+            widths = keep(position)
+            if not widths:
+                return before[self.metric] / original
+            return self._dry_run(target, example, 0.0, ignored, history, keep=widths)[self.metric] / original
+
+        start = before[self.metric] / original
+        if start <= goal * (1.0 + self.tolerance):
+            return {}  # already small enough
+        end = float(len(allocation))
+        reachable = achieved(end)
+        if reachable > goal * (1.0 + self.tolerance):
+            name = f"target_{self.metric}_ratio"
+            raise _UnreachableTarget(
+                f"Expected argument `{name}` ({self.target_ratio}) to be reachable but step {self.steps_done + 1} "
+                f"needs {goal:.3f} of the original {self.metric} and every group of the sensitivity table pruned to "
+                f"its largest ratio tried ({max(self.sensitivity.ratios):g}, within `max_layer_ratio` "
+                f"{self.max_layer_ratio}) leaves {reachable:.3f}. HINT: analyse larger ratios (`--ratios ... 0.9`) "
+                f"or more groups, or raise `{name}`."
+            )
+        position, _ = bracket_search(
+            achieved, goal, 0.0, end, (start, reachable), self.tolerance, self.search_iterations
+        )
+        return keep(position)
 
     def _search_moves(
         self,
@@ -708,7 +768,7 @@ def _resolve_target(pruning_ratio: float | None, targets: dict[str, float | None
     return name.split("_")[1], float(value)
 
 
-_ALLOCATIONS = ("importance", "latency")
+_ALLOCATIONS = ("importance", "latency", "sensitivity")
 
 
 def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any, layer_ratios: Any) -> str:
@@ -731,10 +791,16 @@ def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any,
             f"Expected argument `allocation` to be 'latency' with `target_latency_ratio` but got {allocation!r}. "
             "HINT: latency is estimated by the latency allocation's table; pass `allocation='latency'`."
         )
-    if allocation == "latency" and layer_ratios:
+    if allocation == "sensitivity" and metric not in ("macs", "params"):
+        given = "neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`"
         raise ValueError(
-            f"Expected argument `layer_ratios` to be None with allocation='latency' but got {layer_ratios!r}. HINT: "
-            "the latency allocation decides every layer's width; keep a layer as it is with `ignored_layers`."
+            f"Expected `target_macs_ratio` or `target_params_ratio` with allocation='sensitivity' but got {given}. "
+            "HINT: the sensitivity allocation spends a budget, e.g. `target_macs_ratio=0.5`."
+        )
+    if allocation != "importance" and layer_ratios:
+        raise ValueError(
+            f"Expected argument `layer_ratios` to be None with allocation={allocation!r} but got {layer_ratios!r}. "
+            "HINT: the allocation decides every layer's width; keep a layer as it is with `ignored_layers`."
         )
     return str(allocation)
 

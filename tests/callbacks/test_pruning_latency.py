@@ -149,7 +149,10 @@ def test_fit_with_a_measured_table_prunes_and_training_continues(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"allocation": "fast"}, r"Expected argument `allocation` to be one of \['importance', 'latency'\] but got"),
+        (
+            {"allocation": "fast"},
+            r"Expected argument `allocation` to be one of \['importance', 'latency', 'sensitivity'\] but got",
+        ),
         (
             {"allocation": "latency"},
             r"Expected `target_macs_ratio` or `target_latency_ratio` with allocation='latency' but got neither. HINT:",
