@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
@@ -91,6 +91,12 @@ class StructuredPruning(pl.Callback):
     the same search on dry runs as the targets; channels within a group go by ``importance``. Groups the table
     lacks keep their width.
 
+    With ``target_latency_ms`` the step aims at a measured latency instead: rank 0 times the module's forward (eval
+    mode, BatchNorm fused, on its device, at ``latency_batch_size``), then the same search as the MACs target runs
+    on dry runs each timed side by side with the module (:attr:`latency_probe`, medians of interleaved runs, so that
+    the machine's drifts hit both); the achieved latency, timed the same way, is logged as ``prune/latency_ms``.
+    Timing is wall clock: measure on a quiet machine.
+
     Args:
         pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
             default 0.5; 0 with ``layer_ratios`` to prune only those layers. Cannot be combined with a target.
@@ -129,6 +135,9 @@ class StructuredPruning(pl.Callback):
         target_latency_ratio: with ``allocation="latency"``, fraction of the original model's latency (as the
             latency table sums it) left after the last step, in (0, 1); instead of the other targets.
         latency_batch_size: the batch size the latency table times layers at (deployment's), an int >= 1.
+        target_latency_ms: the latency (ms) of the pruned module's whole forward to reach, as deployed (eval mode,
+            BatchNorm fused) at the example input's resolution and ``latency_batch_size``, on the device it trains
+            on; one-shot only, with the importance or sensitivity allocation (see above).
         sensitivity: with ``allocation="sensitivity"``, the sensitivity table of the unpruned module: the path of
             ``lightning-prune sensitivity``'s ``sensitivity.json``, its dict, or a
             :class:`~lightning_prune.pruning.SensitivityResult`.
@@ -156,6 +165,9 @@ class StructuredPruning(pl.Callback):
     tolerance = 0.03
     #: at most this many dry runs per step after the bracket's (false position, usually 2-4)
     search_iterations = 10
+    #: with ``target_latency_ms``, untimed and timed rounds of each measurement (medians, models interleaved)
+    latency_warmup = 3
+    latency_repeats = 15
     #: with ``allocation="latency"``, a group may lose up to this many blocks of ``round_to`` channels in one move
     latency_lookahead = 2
 
@@ -181,6 +193,7 @@ class StructuredPruning(pl.Callback):
         target_latency_ratio: float | None = None,
         latency_batch_size: int = 1,
         sensitivity: Any = None,
+        target_latency_ms: float | None = None,
     ) -> None:
         super().__init__()
         if epochs is None:
@@ -190,6 +203,10 @@ class StructuredPruning(pl.Callback):
         epochs = check_epochs(epochs)
         targets = {"macs": target_macs_ratio, "params": target_params_ratio, "latency": target_latency_ratio}
         self.metric, self.target_ratio = _resolve_target(pruning_ratio, targets)
+        #: the whole forward's measured latency to reach (ms), one-shot; the step finds its ratio on measured dry runs
+        self.target_latency_ms = _resolve_latency_ms(target_latency_ms, self.metric, pruning_ratio, len(epochs))
+        if self.target_latency_ms is not None:
+            self.metric = "latency_ms"
         self.allocation = _resolve_allocation(allocation, self.metric, pruning_ratio, layer_ratios)
         if (self.allocation == "sensitivity") != (sensitivity is not None):
             raise ValueError(
@@ -210,7 +227,13 @@ class StructuredPruning(pl.Callback):
         #: LatencyTable` built at the first step, kept for the next; any ``(layer, c_in, c_out) -> ms`` may replace it
         self.latency_table: Cost | None = None
         self._latency: tuple[float, float] | None = None  # the table's estimate before / after this step (rank 0)
-        reduction = 1.0 - self.target_ratio if self.metric else pruning_ratio
+        #: with ``target_latency_ms``, ``(models, input) -> ms of each``: BatchNorm-fused eager forwards timed
+        #: interleaved (median of ``latency_repeats``) on the input's device; any such callable may replace it
+        self.latency_probe: Callable[[list[nn.Module], Any], list[float]] = _default_probe
+        self._step_ms: float | None = None  # the measured latency at the current step's start (rank 0)
+        reduction = 1.0 - self.target_ratio if self.target_ratio is not None else pruning_ratio
+        if self.metric == "latency_ms":
+            reduction = 0.5  # unknown until the original latency is measured; the step's goal comes from `_goal`
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
         if reduction == 0 and not isinstance(reduction, bool) and self.layer_ratios:
             self.ratios = [0.0] * len(epochs)  # only the layers of `layer_ratios` (e.g. a sensitivity YAML) shrink
@@ -323,6 +346,11 @@ class StructuredPruning(pl.Callback):
         reuse = cached is not None and cached["params"] == sum(p.numel() for p in target.parameters())
         before = cached if reuse and cached is not None else model_stats(target, example)
         history = pruning_history(pl_module)
+        reference = None  # latency_ms: the model before the step, timed against the pruned one (rank 0)
+        if self.metric == "latency_ms" and trainer.is_global_zero:
+            before = {**before, "latency_ms": self._measure(target, example)}
+            self._step_ms = before["latency_ms"]
+            reference = copy.deepcopy(target)
         if self.metric is not None and self._original is None:
             if len(history):
                 raise MisconfigurationException(
@@ -376,6 +404,10 @@ class StructuredPruning(pl.Callback):
             trainer.strategy.configure_ddp()
         self.steps_done += 1
         after = self._stats = model_stats(target, example)
+        if reference is not None:  # the achieved latency, measured side by side with the model before the step
+            ratio = self._relative_latency(reference, target, example)
+            self._latency = (before["latency_ms"], ratio * before["latency_ms"])
+            after = {**after, "latency_ms": self._latency[1]}
         self._log(trainer, before, after, widths, layer_widths(target))
 
     def step_ratio(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> float:
@@ -451,7 +483,7 @@ class StructuredPruning(pl.Callback):
         assert self.metric is not None and self._original is not None
         ignored = self._ignored_layers(pl_module, target, example)
         history = pruning_history(pl_module)
-        goal = 1.0 - self.ratios[self.steps_done]
+        goal = self._goal()
         original = max(self._original[self.metric], 1.0)
 
         def achieved(ratio: float) -> float:
@@ -465,9 +497,9 @@ class StructuredPruning(pl.Callback):
         lo, hi = 0.0, min(self.max_layer_ratio, 0.99)
         reachable = achieved(hi)
         if reachable > goal * (1.0 + self.tolerance):
-            name = f"target_{self.metric}_ratio"
+            name, given = self._target_argument()
             raise _UnreachableTarget(
-                f"Expected argument `{name}` ({self.target_ratio}) to be reachable but step {self.steps_done + 1} "
+                f"Expected argument `{name}` ({given}) to be reachable but step {self.steps_done + 1} "
                 f"needs {goal:.3f} of the original {self.metric} and pruning every layer up to `max_layer_ratio` "
                 f"({self.max_layer_ratio}) leaves {reachable:.3f}. HINT: raise `max_layer_ratio` or `{name}`."
             )
@@ -486,7 +518,37 @@ class StructuredPruning(pl.Callback):
         trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
         with restored(trial, keep_grads=True):
             self._prune(trial, example, ratio, ignored, history, keep=keep)
-        return model_stats(trial, example)
+        stats = model_stats(trial, example)
+        if self.metric == "latency_ms":  # measured side by side with `target`, scaled by its latency at step start
+            assert self._step_ms is not None
+            stats["latency_ms"] = self._relative_latency(target, trial, example) * self._step_ms
+        return stats
+
+    def _goal(self) -> float:
+        """This step's target as a fraction of the original model's metric."""
+        if self.metric == "latency_ms":
+            assert self._original is not None and self.target_latency_ms is not None
+            return self.target_latency_ms / max(self._original["latency_ms"], 1e-9)
+        return 1.0 - self.ratios[self.steps_done]
+
+    def _target_argument(self) -> tuple[str, float | None]:
+        if self.metric == "latency_ms":
+            return "target_latency_ms", self.target_latency_ms
+        return f"target_{self.metric}_ratio", self.target_ratio
+
+    def _timing_input(self, example: Any) -> Any:
+        if isinstance(example, torch.Tensor):
+            return example[:1].expand(self.latency_batch_size, *example.shape[1:]).contiguous()
+        return example
+
+    def _measure(self, model: nn.Module, example: Any) -> float:
+        """Milliseconds of ``model``'s forward (``latency_probe``) at ``latency_batch_size``."""
+        return self.latency_probe([model], self._timing_input(example))[0]
+
+    def _relative_latency(self, reference: nn.Module, model: nn.Module, example: Any) -> float:
+        """``model``'s latency over ``reference``'s, timed side by side."""
+        ref, new = self.latency_probe([reference, model], self._timing_input(example))
+        return new / max(ref, 1e-9)
 
     def _allocate(
         self, pl_module: pl.LightningModule, target: nn.Module, example: Any, before: dict[str, float]
@@ -522,8 +584,8 @@ class StructuredPruning(pl.Callback):
                 )
             if not len(history):
                 self._original["latency"] = allocation.latency[0]
-        goal = 1.0 - self.ratios[self.steps_done]
-        name = f"target_{self.metric}_ratio"
+        goal = self._goal()
+        name, given = self._target_argument()
         if self.metric == "latency":
             allocation.extend(latency=goal * self._original["latency"])
             moves, reached = len(allocation.moves), allocation.latency[-1] / self._original["latency"]
@@ -531,7 +593,7 @@ class StructuredPruning(pl.Callback):
             moves, reached = self._search_moves(allocation, target, example, ignored, history, before, goal)
         if reached > goal * (1.0 + self.tolerance):
             raise _UnreachableTarget(
-                f"Expected argument `{name}` ({self.target_ratio}) to be reachable but step {self.steps_done + 1} "
+                f"Expected argument `{name}` ({given}) to be reachable but step {self.steps_done + 1} "
                 f"needs {goal:.3f} of the original {self.metric} and the latency allocation, every group down to "
                 f"`max_layer_ratio` ({self.max_layer_ratio}) or to its last block, leaves {reached:.3f}. HINT: raise "
                 f"`max_layer_ratio` or `{name}`, or lower `round_to`."
@@ -550,7 +612,7 @@ class StructuredPruning(pl.Callback):
         allocation = SensitivityAllocation(self.sensitivity, self.round_to, self.max_layer_ratio)
         current = layer_widths(target)
         skip = set(ignored)
-        goal = 1.0 - self.ratios[self.steps_done]
+        goal = self._goal()
         original = max(self._original[self.metric], 1.0)
 
         def keep(position: float) -> dict[str, int]:
@@ -569,9 +631,9 @@ class StructuredPruning(pl.Callback):
         end = float(len(allocation))
         reachable = achieved(end)
         if reachable > goal * (1.0 + self.tolerance):
-            name = f"target_{self.metric}_ratio"
+            name, given = self._target_argument()
             raise _UnreachableTarget(
-                f"Expected argument `{name}` ({self.target_ratio}) to be reachable but step {self.steps_done + 1} "
+                f"Expected argument `{name}` ({given}) to be reachable but step {self.steps_done + 1} "
                 f"needs {goal:.3f} of the original {self.metric} and every group of the sensitivity table pruned to "
                 f"its largest ratio tried ({max(self.sensitivity.ratios):g}, within `max_layer_ratio` "
                 f"{self.max_layer_ratio}) leaves {reachable:.3f}. HINT: analyse larger ratios (`--ratios ... 0.9`) "
@@ -720,16 +782,22 @@ class StructuredPruning(pl.Callback):
         if self.metric is not None and self._original is not None:
             for key in ("params", "macs"):  # of the original model, as the target
                 metrics[f"prune/{key}_of_original"] = after[key] / max(self._original[key], 1.0)
-            if self._latency is not None:  # the latency table's estimate (convs / linears alone)
+            measured = self.metric == "latency_ms"
+            if self._latency is not None and measured:  # the whole forward, timed against the model before the step
+                metrics["prune/latency_ms"] = self._latency[1]
+                metrics["prune/latency_ms_of_original"] = self._latency[1] / max(self._original["latency_ms"], 1e-9)
+            elif self._latency is not None:  # the latency table's estimate (convs / linears alone)
                 metrics["prune/latency_estimate_ms"] = self._latency[1]
                 if "latency" in self._original:
                     metrics["prune/latency_of_original"] = self._latency[1] / max(self._original["latency"], 1e-9)
+            aim = self._goal() if measured else 1.0 - self.ratios[self.steps_done - 1]
             goal = (
-                f", {self.metric} target {1.0 - self.ratios[self.steps_done - 1]:.2f}, "
-                f"achieved {metrics[f'prune/{self.metric}_of_original']:.2f} of the original"
+                f", {self.metric} target {aim:.2f}, "
+                f"achieved {metrics.get(f'prune/{self.metric}_of_original', float('nan')):.2f} of the original"
             )
             if self._latency is not None:
-                goal += f", latency (table) {self._latency[0]:.2f} → {self._latency[1]:.2f} ms"
+                goal += f", latency ({'measured' if measured else 'table'}) {self._latency[0]:.2f} → "
+                goal += f"{self._latency[1]:.2f} ms"
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(
@@ -738,6 +806,34 @@ class StructuredPruning(pl.Callback):
             f"MACs {before['macs'] / 1e9:.4f}G → {after['macs'] / 1e9:.4f}G{goal}; output channels of "
             f"{len(changed)} layers:\n" + "\n".join(f"  {n}: {a} → {b}" for n, (a, b) in changed.items())
         )
+
+
+def _default_probe(models: list[nn.Module], example: Any) -> list[float]:
+    from lightning_prune.report.latency import latency_ms  # report imports the models, which import callbacks
+
+    return latency_ms(
+        models, example, warmup=StructuredPruning.latency_warmup, repeats=StructuredPruning.latency_repeats
+    )
+
+
+def _resolve_latency_ms(value: Any, metric: str | None, pruning_ratio: Any, steps: int) -> float | None:
+    """``target_latency_ms``, checked: a number of ms > 0, the only target, one-shot."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"Expected argument `target_latency_ms` to be a float > 0 (milliseconds) but got {value!r}.")
+    if metric is not None or pruning_ratio is not None:
+        other = f"target_{metric}_ratio" if metric is not None else "pruning_ratio"
+        raise ValueError(
+            f"Expected at most one of `target_latency_ms` and `{other}` but got target_latency_ms={value!r} and "
+            f"{other}={pruning_ratio if metric is None else '...'}."
+        )
+    if steps != 1:
+        raise ValueError(
+            f"Expected the 'one_shot' schedule (one epoch) with `target_latency_ms` but got {steps} epochs. HINT: "
+            "for an iterative schedule give `target_macs_ratio` (`target_latency_ratio` with the latency allocation)."
+        )
+    return float(value)
 
 
 class _UnreachableTarget(Exception):
@@ -775,6 +871,12 @@ def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any,
     """``allocation``, checked against the target it needs (a latency target needs the latency allocation)."""
     if allocation not in _ALLOCATIONS:
         raise ValueError(f"Expected argument `allocation` to be one of {list(_ALLOCATIONS)} but got {allocation!r}.")
+    if allocation == "latency" and metric == "latency_ms":
+        raise ValueError(
+            "Expected argument `allocation` to be 'importance' or 'sensitivity' with `target_latency_ms` but got "
+            "'latency'. HINT: the latency allocation aims at its table's estimate: give `target_latency_ratio`, or "
+            "keep `target_latency_ms` with another allocation (its ratio is searched on measured latencies)."
+        )
     if allocation == "latency" and metric not in ("macs", "latency"):
         given = (
             "`target_params_ratio`"
@@ -791,11 +893,12 @@ def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any,
             f"Expected argument `allocation` to be 'latency' with `target_latency_ratio` but got {allocation!r}. "
             "HINT: latency is estimated by the latency allocation's table; pass `allocation='latency'`."
         )
-    if allocation == "sensitivity" and metric not in ("macs", "params"):
+    if allocation == "sensitivity" and metric not in ("macs", "params", "latency_ms"):
         given = "neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`"
         raise ValueError(
-            f"Expected `target_macs_ratio` or `target_params_ratio` with allocation='sensitivity' but got {given}. "
-            "HINT: the sensitivity allocation spends a budget, e.g. `target_macs_ratio=0.5`."
+            f"Expected `target_macs_ratio`, `target_params_ratio` or `target_latency_ms` with "
+            f"allocation='sensitivity' but got {given}. HINT: the sensitivity allocation spends a budget, e.g. "
+            "`target_macs_ratio=0.5`."
         )
     if allocation != "importance" and layer_ratios:
         raise ValueError(

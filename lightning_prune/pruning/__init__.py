@@ -1,7 +1,16 @@
-"""Structured pruning without the Trainer: criteria, calibration, the pruning step, latency-aware allocation, schedules,
-a replayable history, optimizer patching, sparsity regularization, bias folding; fine-grained magnitude masks and their
-storage size."""
+"""Structured pruning without the Trainer: criteria, calibration, the pruning step, residual block removal,
+latency-aware and sensitivity allocation, schedules, a replayable history, optimizer patching, sparsity
+regularization, bias folding; fine-grained magnitude masks and their storage size."""
 
+from lightning_prune.pruning.allocation import SensitivityAllocation, load_sensitivity
+from lightning_prune.pruning.blocks import (
+    BLOCK_IMPORTANCES,
+    block_scores,
+    find_residual_blocks,
+    remove_blocks,
+    resolve_block_importance,
+    select_blocks,
+)
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, output_layers, prune_channels
 from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
@@ -32,6 +41,7 @@ from lightning_prune.pruning.sensitivity import SensitivityAnalysis, Sensitivity
 from lightning_prune.pruning.sparsity import add_l1_subgradient, bn_groups
 
 __all__ = [
+    "BLOCK_IMPORTANCES",
     "IMPORTANCES",
     "SCHEDULES",
     "ActivationImportance",
@@ -41,21 +51,25 @@ __all__ = [
     "LatencyTable",
     "PruningHistory",
     "PruningTracker",
+    "SensitivityAllocation",
     "SensitivityAnalysis",
     "SensitivityResult",
     "add_l1_subgradient",
     "add_mask_buffers",
     "apply_masks",
     "apply_records",
+    "block_scores",
     "bn_groups",
     "build_schedule",
     "check_traceable",
     "cubic",
+    "find_residual_blocks",
     "fold_removed_inputs",
     "geometric",
     "group_records",
     "linear",
     "load_layer_ratios",
+    "load_sensitivity",
     "magnitude_masks",
     "make_permanent",
     "masked_parameters",
@@ -64,9 +78,12 @@ __all__ = [
     "output_layers",
     "prune_channels",
     "relative_ratios",
+    "remove_blocks",
     "resize_to_state_dict",
+    "resolve_block_importance",
     "resolve_importance",
     "resolve_schedule",
+    "select_blocks",
     "storage_report",
     "to_torch_pruning_scheduler",
     "track_pruning",

@@ -190,12 +190,16 @@ def _available_ratio(pruner: tp.pruner.BasePruner, widths: dict[int, int], max_r
 
 
 def _original_widths(target: nn.Module, history: PruningHistory | None) -> dict[int, int]:
-    """Output widths of the layers before the first step: the ``size`` of their first ``"out"`` record."""
+    """Output widths of the layers before the first step: the ``size`` of their first ``"out"`` record.
+
+    Layers that are gone (inside a residual block removed since, :mod:`lightning_prune.pruning.blocks`) are skipped.
+    """
+    modules = dict(target.named_modules())
     widths: dict[int, int] = {}
     for step in history.steps if history is not None else []:
         for record in step:
-            if record["kind"] == "out" and record.get("size") is not None:
-                widths.setdefault(id(target.get_submodule(record["module"])), record["size"])
+            if record["kind"] == "out" and record.get("size") is not None and record["module"] in modules:
+                widths.setdefault(id(modules[record["module"]]), record["size"])
     return widths
 
 

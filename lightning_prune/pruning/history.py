@@ -5,16 +5,18 @@ weights before any callback state, and ``torch.load(weights_only=True)`` refuses
 travels as a :class:`PruningHistory`: lists of dicts of strings and ints, replayed on the freshly built model (for
 example in ``LightningModule.on_load_checkpoint``) before the strict ``load_state_dict``.
 
-One record is one call of a torch-pruning pruning function on one layer::
+One record is one call of a torch-pruning pruning function on one layer, or one removed residual block::
 
     {"module": "backbone.conv3", "kind": "out", "idxs": [2, 7], "size": 32}
     {"module": "pos_embed", "kind": "param", "idxs": [0], "size": 16, "dim": 2}
+    {"module": "backbone.stages.2.1", "kind": "block", "idxs": [], "size": None}
 
-``kind`` is ``"out"``/``"in"`` (the layer's ``prune_out_channels``/``prune_in_channels``) or ``"param"`` (an unwrapped
-``nn.Parameter``), ``size`` the number of channels along that dimension before the call (``None`` where the pruning
-function does not say), ``dim`` torch-pruning's ``pruning_dim`` when not the default -1. A step is the list of records
-of all groups pruned at once, in execution order; replay runs them in the same order through the same torch-pruning
-functions, so the replayed layers hold the same channels in the same order.
+``kind`` is ``"out"``/``"in"`` (the layer's ``prune_out_channels``/``prune_in_channels``), ``"param"`` (an unwrapped
+``nn.Parameter``) or ``"block"`` (the module replaced by ``nn.Identity()``, see :mod:`lightning_prune.pruning.blocks`;
+``idxs`` empty and ``size`` ``None``), ``size`` the number of channels along that dimension before the call (``None``
+where the pruning function does not say), ``dim`` torch-pruning's ``pruning_dim`` when not the default -1. A step is
+the list of records of all groups pruned at once, in execution order; replay runs them in the same order through the
+same torch-pruning functions, so the replayed layers hold the same channels in the same order.
 
 Example:
     >>> import torch, torch_pruning as tp
@@ -40,8 +42,8 @@ from torch_pruning import ops
 from torch_pruning.pruner.function import BasePruningFunc, ParameterPruner, PrunerBox
 
 Record = dict[str, Any]
-_KINDS = ("out", "in", "param")
-_STATE_VERSION = 1
+_KINDS = ("out", "in", "param", "block")
+_STATE_VERSION = 1  # "block" came without a new version: older states simply hold none
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -102,7 +104,8 @@ class PruningHistory:
             pruners: pruning functions by layer type, for layers torch-pruning was given as ``customized_pruners``.
 
         Raises:
-            ValueError: the model lacks a recorded module or parameter, or a layer's width does not match the record.
+            ValueError: the model lacks a recorded module or parameter, a layer's width does not match the record, or a
+                removed block is already an ``nn.Identity``.
         """
         for i, step in enumerate(self._steps[start:], start=start):
             apply_records(model, step, pruners=pruners, step=i)
@@ -189,12 +192,16 @@ def apply_records(
         step: the step's index, for error messages.
 
     Raises:
-        ValueError: the model lacks a recorded module or parameter, or a layer's width does not match the record.
+        ValueError: the model lacks a recorded module or parameter, a layer's width does not match the record, or a
+            removed block is the root or already an ``nn.Identity``.
     """
-    where = "" if step is None else f" step {step}:"
+    where = ":" if step is None else f" step {step}:"
     for record in records:
         record = _check_record(record)
         name, kind, idxs, dim = record["module"], record["kind"], record["idxs"], record.get("dim", -1)
+        if kind == "block":
+            _remove_block(model, name, where)
+            continue
         if kind == "param":
             parent_name, _, attr = name.rpartition(".")
             parent = _get(model, parent_name, where)
@@ -280,6 +287,19 @@ def _get(model: nn.Module, name: str, where: str) -> nn.Module:
         ) from None
 
 
+def _remove_block(model: nn.Module, name: str, where: str) -> None:
+    if not name:
+        raise ValueError(f"Cannot replay{where} the root module cannot be removed as a block.")
+    module = _get(model, name, where)
+    if isinstance(module, nn.Identity):
+        raise ValueError(
+            f"Cannot replay{where} block `{name}` is already an `nn.Identity`. "
+            "HINT: replay a history on the model as it was before the history's first step."
+        )
+    parent_name, _, attr = name.rpartition(".")
+    setattr(_get(model, parent_name, where), attr, nn.Identity())
+
+
 def _check_width(record: Record, width: int | None, what: str, where: str) -> None:
     size, idxs = record.get("size"), record["idxs"]
     if size is not None and width is not None and int(width) != size:
@@ -297,10 +317,11 @@ def _check_record(record: Mapping[str, Any]) -> Record:
         and all(isinstance(i, int) for i in record["idxs"])
         and isinstance(record.get("size"), (int, type(None)))
         and isinstance(record.get("dim", -1), int)
+        and (record.get("kind") != "block" or (not record["idxs"] and record.get("size") is None))
     )
     if not ok:
         raise ValueError(
-            "Expected a pruning record {'module': str, 'kind': 'out' | 'in' | 'param', 'idxs': list[int], "
+            "Expected a pruning record {'module': str, 'kind': 'out' | 'in' | 'param' | 'block', 'idxs': list[int], "
             f"'size': int | None}} but got {record!r:.200}."
         )
     return {**record, "idxs": list(record["idxs"])}

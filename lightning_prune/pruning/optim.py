@@ -8,7 +8,8 @@ original parameter, the parameter that finally replaced it and the ``(dim, kept 
 then swaps the parameters in the optimizer's ``param_groups`` and applies the same selections to every state tensor
 shaped like its parameter (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, ...); scalar
 state such as Adam's ``step`` is kept. The optimizer then continues exactly as if it had always trained the pruned
-model's surviving weights.
+model's surviving weights. With the model given, parameters that left it (a removed residual block) leave the
+optimizer too.
 
 The new parameters also get the ``requires_grad`` flag of the ones they replace (torch-pruning makes every pruned
 parameter trainable again).
@@ -68,8 +69,12 @@ class PruningTracker:
     def patch(self, optimizer: torch.optim.Optimizer) -> int:
         """Swap replaced parameters in ``optimizer`` and index-select their state in place.
 
+        With a tracked model, parameters of it that are no longer part of it (a residual block replaced by
+        ``nn.Identity()``, :func:`~lightning_prune.pruning.blocks.remove_blocks`) leave their group and their state is
+        dropped; a group may end up empty (kept, so that schedulers still find every group).
+
         Returns:
-            The number of parameters swapped.
+            The number of parameters swapped (removed ones not counted).
 
         Raises:
             RuntimeError: the optimizer holds a parameter of the tracked model that was replaced outside
@@ -77,9 +82,11 @@ class PruningTracker:
             ValueError: a non-scalar state tensor is not shaped like its parameter.
         """
         dead = self._untracked_replacements()
+        live = None if self._model is None else {id(p) for p in self._model.parameters()}
         swapped = 0
         for group in optimizer.param_groups:
-            for i, param in enumerate(group["params"]):
+            params = []
+            for param in group["params"]:
                 if id(param) in dead:
                     raise RuntimeError(
                         f"Parameter `{dead[id(param)]}` was replaced during pruning outside torch-pruning's "
@@ -87,13 +94,18 @@ class PruningTracker:
                         "HINT: rebuild the optimizer instead of patching it."
                     )
                 r = self._by_old.get(id(param))
-                if r is None or r.old is not param:
+                new = r.new if r is not None and r.old is param else param
+                if live is not None and id(param) in self._names_before and id(new) not in live:
+                    optimizer.state.pop(param, None)  # removed with its module (possibly pruned before)
                     continue
-                group["params"][i] = r.new
+                params.append(new)
+                if r is None or new is param:
+                    continue
                 if param in optimizer.state:
                     state = optimizer.state.pop(param)
-                    optimizer.state[r.new] = {k: _select(k, v, r) for k, v in state.items()}
+                    optimizer.state[new] = {k: _select(k, v, r) for k, v in state.items()}
                 swapped += 1
+            group["params"] = params
         return swapped
 
     def _observe(self, old: torch.Tensor, new: torch.Tensor, keep_idxs: Any, dim: int) -> None:
@@ -115,10 +127,11 @@ class PruningTracker:
         if self._model is None:
             return {}
         now = {name: p for name, p in self._model.named_parameters()}
+        # a name that is gone was removed with its module (or renamed): only a name holding another parameter is dead
         return {
             pid: name
             for pid, (name, p) in self._names_before.items()
-            if now.get(name) is not p and pid not in self._by_old
+            if name in now and now[name] is not p and pid not in self._by_old
         }
 
 
@@ -127,8 +140,9 @@ def track_pruning(model: nn.Module | None = None) -> Iterator[PruningTracker]:
     """Record the parameters that torch-pruning replaces inside the block (see the module docstring).
 
     Args:
-        model: optional; when given, :meth:`PruningTracker.patch` also refuses to patch an optimizer holding one of
-            its parameters that was replaced by other means than torch-pruning's pruning functions.
+        model: optional; when given, :meth:`PruningTracker.patch` also drops the parameters that left it (removed
+            residual blocks) from the optimizer, and refuses to patch an optimizer holding one of its parameters that
+            was replaced by other means than torch-pruning's pruning functions.
 
     Yields:
         The tracker, filled when the block exits.

@@ -76,8 +76,8 @@ def test_an_unreachable_budget_and_a_table_of_another_model_are_refused():
         ),
         (
             {"allocation": "sensitivity", "sensitivity": {}, "pruning_ratio": 0.5},
-            r"Expected `target_macs_ratio` or `target_params_ratio` with allocation='sensitivity' but got "
-            r"`pruning_ratio=0.5`.",
+            r"Expected `target_macs_ratio`, `target_params_ratio` or `target_latency_ms` with "
+            r"allocation='sensitivity' but got `pruning_ratio=0.5`.",
         ),
         (
             {"allocation": "sensitivity", "sensitivity": {}, "target_macs_ratio": 0.5, "layer_ratios": {"a": 0.5}},
@@ -91,8 +91,62 @@ def test_an_unreachable_budget_and_a_table_of_another_model_are_refused():
             {"allocation": "sensitivity", "sensitivity": "missing.json", "target_macs_ratio": 0.5},
             r"Expected argument `sensitivity` to be an existing sensitivity.json",
         ),
+        (
+            {"target_latency_ms": 0},
+            r"Expected argument `target_latency_ms` to be a float > 0 \(milliseconds\) but got 0.",
+        ),
+        (
+            {"target_latency_ms": 5.0, "target_macs_ratio": 0.5},
+            r"Expected at most one of `target_latency_ms` and `target_macs_ratio`",
+        ),
+        ({"target_latency_ms": 5.0, "pruning_ratio": 0.5}, r"`target_latency_ms` and `pruning_ratio` but got"),
+        (
+            {"target_latency_ms": 5.0, "schedule": "linear", "epochs": [0, 1]},
+            r"Expected the 'one_shot' schedule \(one epoch\) with `target_latency_ms` but got 2 epochs.",
+        ),
+        (
+            {"target_latency_ms": 5.0, "allocation": "latency"},
+            r"Expected argument `allocation` to be 'importance' or 'sensitivity' with `target_latency_ms`",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         StructuredPruning(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- latency in ms
+def fake_probe(models: list, example) -> list[float]:
+    """A deterministic stand-in for the wall clock: 1 ms per MMAC plus 0.5 ms of fixed cost."""
+    return [model_stats(m, example)["macs"] / 1e6 + 0.5 for m in models]
+
+
+@pytest.mark.parametrize("allocation", ["importance", "sensitivity"])
+def test_a_latency_target_in_ms_is_met_on_measured_dry_runs(allocation, tmp_path):
+    model = FAMILIES["yolov8"]()
+    start = fake_probe([model], model.example_input_array)[0]
+    kwargs = {"sensitivity": made_up_table(model)} if allocation == "sensitivity" else {}
+    callback = StructuredPruning(allocation=allocation, target_latency_ms=0.6 * start, **kwargs)
+    callback.latency_probe = fake_probe
+    callback.on_train_epoch_start(fake_trainer(), model)
+    achieved = fake_probe([model], model.example_input_array)[0]
+    assert achieved == pytest.approx(0.6 * start, rel=StructuredPruning.tolerance)
+    assert callback._latency == pytest.approx((start, achieved))
+    assert callback.state_dict()["original"]["latency_ms"] == pytest.approx(start)
+
+
+def test_latency_is_timed_at_the_latency_batch_size_and_an_unreachable_target_is_refused():
+    model = FAMILIES["yolov3"]()
+    seen = []
+
+    def probe(models, example):
+        seen.append(tuple(example.shape))
+        return [1.0 for _ in models]  # nothing gets faster: unreachable
+
+    callback = StructuredPruning(target_latency_ms=0.5, latency_batch_size=3)
+    callback.latency_probe = probe
+    with pytest.raises(MisconfigurationException, match=r"Expected argument `target_latency_ms` \(0.5\) to be reach"):
+        callback.on_train_epoch_start(fake_trainer(), model)
+    assert len(pruning_history(model)) == 0
+    ms = StructuredPruning(target_latency_ms=1.0).latency_probe([model], model.example_input_array)
+    assert seen and all(shape[0] == 3 for shape in seen) and ms[0] > 0

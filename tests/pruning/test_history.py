@@ -193,3 +193,25 @@ def test_copy_keeps_history_independent(pruned):
     steps[0][0]["idxs"].append(99)
     assert 99 not in history.steps[0][0]["idxs"]
     assert copy.deepcopy(history) == history
+
+
+def test_block_records_replace_the_module_by_identity():
+    torch.manual_seed(0)
+    model = randomize_bn(ResCatNet()).eval()
+    step0 = prune_with_history(model, steps=1).steps[0]
+    step1 = [{"module": "b", "kind": "block", "idxs": [], "size": None}]  # y = x + a(x): the shapes still fit
+    apply_records(model, step1)
+    history = PruningHistory.from_state(json.loads(json.dumps(PruningHistory([step0, step1]).to_state())))
+    assert history.steps[1] == step1
+    fresh = history.replay(ResCatNet())
+    assert isinstance(fresh.b, nn.Identity) and "b.0.weight" not in fresh.state_dict()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+    with pytest.raises(ValueError, match=r"Cannot replay step 1: block `b` is already an `nn.Identity`"):
+        history.replay(fresh, start=1)
+    with pytest.raises(ValueError, match=r"Cannot replay: the root module cannot be removed as a block"):
+        apply_records(ResCatNet(), [{**step1[0], "module": ""}])
+    with pytest.raises(ValueError, match=r"'kind': 'out' \| 'in' \| 'param' \| 'block'"):
+        apply_records(ResCatNet(), [{**step1[0], "idxs": [0]}])

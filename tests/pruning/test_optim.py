@@ -163,3 +163,33 @@ def test_state_not_shaped_like_its_parameter_is_refused():
         tp.prune_conv_out_channels(net[0], [0])
     with pytest.raises(ValueError, match=r"Expected optimizer state `factored_row` to be shaped like its parameter"):
         tracker.patch(optimizer)
+
+
+def test_parameters_that_left_the_model_leave_the_optimizer():
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 2, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(1, 3, 8, 8)).square().mean().backward()
+    optimizer.step()
+    gone = list(net[1].parameters())
+    with track_pruning(net) as tracker:
+        tp.prune_conv_out_channels(net[1], [0])  # pruned, then removed: its replacement left the model too
+        net[1] = nn.Identity()  # a removed residual block
+        tp.prune_conv_in_channels(net[2], [0])
+        tp.prune_conv_out_channels(net[0], [0])
+    assert tracker.patch(optimizer) == 3  # 0.weight, 0.bias, 2.weight; 1.weight and 1.bias are dropped
+    assert [id(p) for p in optimizer_params(optimizer)] == [id(p) for p in net.parameters()]
+    assert not any(p in optimizer.state for p in gone)
+    assert all(optimizer.state[p]["momentum_buffer"].shape == p.shape for p in net.parameters())
+
+    net(torch.randn(1, 3, 8, 8)).square().mean().backward()
+    optimizer.step()
+
+
+def test_a_renamed_parameter_is_neither_dead_nor_dropped():
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 2, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with track_pruning(net) as tracker:
+        net.add_module("renamed", net[1])
+        del net[1]
+    assert tracker.patch(optimizer) == 0
+    assert [id(p) for p in optimizer_params(optimizer)] == [id(p) for p in net.parameters()]
