@@ -36,6 +36,14 @@ from lightning_prune.pruning.allocation import (
     check_sensitivity_model,
     load_sensitivity,
 )
+from lightning_prune.pruning.blocks import (
+    BlockImportance,
+    block_scores,
+    find_residual_blocks,
+    remove_blocks,
+    resolve_block_importance,
+    select_blocks,
+)
 from lightning_prune.pruning.calibration import Calibration
 from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.checkpoint import pruning_history, save_pruning_state, set_pruning_root
@@ -99,7 +107,8 @@ class StructuredPruning(pl.Callback):
 
     Args:
         pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
-            default 0.5; 0 with ``layer_ratios`` to prune only those layers. Cannot be combined with a target.
+            default 0.5; 0 with ``layer_ratios`` to prune only those layers (or with ``remove_blocks``: only blocks).
+            Cannot be combined with a target.
         target_macs_ratio: fraction of the original model's MACs left after the last step, in (0, 1).
         target_params_ratio: fraction of the original model's parameters left after the last step, in (0, 1).
         importance: channel criterion name (see :mod:`lightning_prune.pruning.importance`) or an ``Importance``.
@@ -138,6 +147,13 @@ class StructuredPruning(pl.Callback):
         target_latency_ms: the latency (ms) of the pruned module's whole forward to reach, as deployed (eval mode,
             BatchNorm fused) at the example input's resolution and ``latency_batch_size``, on the device it trains
             on; one-shot only, with the importance or sensitivity allocation (see above).
+        remove_blocks: residual blocks (modules computing ``x + f(x)``, found on the autograd graph; none holding an
+            ignored or output layer) removed at the first step, before its channels: those of lowest
+            ``block_importance`` become identities (exact for the identity path: the function with their branches
+            zeroed). The step's target counts them.
+        block_importance: how blocks are ranked: ``"bn_scale"`` (mean |γ| of all their BatchNorm channels, the layer
+            pruning of YOLOv3 slimming pipelines), ``"last_bn"`` (the last BatchNorm's, which scales the branch) or a
+            callable ``(name, module) -> score`` (lowest removed first).
         sensitivity: with ``allocation="sensitivity"``, the sensitivity table of the unpruned module: the path of
             ``lightning-prune sensitivity``'s ``sensitivity.json``, its dict, or a
             :class:`~lightning_prune.pruning.SensitivityResult`.
@@ -194,6 +210,8 @@ class StructuredPruning(pl.Callback):
         latency_batch_size: int = 1,
         sensitivity: Any = None,
         target_latency_ms: float | None = None,
+        remove_blocks: int = 0,
+        block_importance: str | BlockImportance = "bn_scale",
     ) -> None:
         super().__init__()
         if epochs is None:
@@ -234,9 +252,14 @@ class StructuredPruning(pl.Callback):
         reduction = 1.0 - self.target_ratio if self.target_ratio is not None else pruning_ratio
         if self.metric == "latency_ms":
             reduction = 0.5  # unknown until the original latency is measured; the step's goal comes from `_goal`
+        if isinstance(remove_blocks, bool) or not (is_int(remove_blocks) and remove_blocks >= 0):
+            raise ValueError(f"Expected argument `remove_blocks` to be an int >= 0 but got {remove_blocks!r}.")
+        self.remove_blocks = int(remove_blocks)
+        self.block_importance = resolve_block_importance(block_importance)
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
-        if reduction == 0 and not isinstance(reduction, bool) and self.layer_ratios:
-            self.ratios = [0.0] * len(epochs)  # only the layers of `layer_ratios` (e.g. a sensitivity YAML) shrink
+        if reduction == 0 and not isinstance(reduction, bool) and (self.layer_ratios or self.remove_blocks):
+            # only the layers of `layer_ratios` (e.g. a sensitivity YAML) shrink, or only blocks go
+            self.ratios = [0.0] * len(epochs)
         else:
             self.ratios = build_schedule(schedule, 0.5 if reduction is None else reduction, len(epochs))
         self.importance = resolve_importance(importance)
@@ -290,6 +313,14 @@ class StructuredPruning(pl.Callback):
             if adapter_output_layers(target) is None:
                 self._graph_outputs = output_layers(target, graph)
             del graph  # it pins traced activations
+            if self.remove_blocks and self.steps_done == 0:
+                found = self._residual_blocks(pl_module, target, self._example_input(pl_module, target))
+                if self.remove_blocks > len(found):
+                    raise MisconfigurationException(
+                        f"Expected argument `remove_blocks` to be at most the {len(found)} residual blocks (modules "
+                        f"computing x + f(x), none holding an ignored or output layer) of the pruned module but got "
+                        f"{self.remove_blocks}. Found: {found[:8]}{' ...' if len(found) > 8 else ''}."
+                    )
             if self._stats is None:  # the first step's "before" (structural: valid until the structure changes)
                 self._stats = model_stats(target, self._example_input(pl_module, target))
 
@@ -351,6 +382,13 @@ class StructuredPruning(pl.Callback):
             before = {**before, "latency_ms": self._measure(target, example)}
             self._step_ms = before["latency_ms"]
             reference = copy.deepcopy(target)
+        blocks = self._drop_blocks(trainer, pl_module, target, example) if self.steps_done == 0 else []
+        current = before  # the model's stats now, what the search starts from
+        if blocks:
+            current = model_stats(target, example)
+            if reference is not None:
+                self._step_ms = self._relative_latency(reference, target, example) * before["latency_ms"]
+                current = {**current, "latency_ms": self._step_ms}
         if self.metric is not None and self._original is None:
             if len(history):
                 raise MisconfigurationException(
@@ -372,11 +410,11 @@ class StructuredPruning(pl.Callback):
         if trainer.is_global_zero and self.metric is not None:  # dry runs, outside the tracker of the real pruning
             try:
                 if self.allocation == "latency":
-                    keep = self._allocate(pl_module, target, example, before)
+                    keep = self._allocate(pl_module, target, example, current)
                 elif self.allocation == "sensitivity":
-                    keep = self._allocate_sensitivity(pl_module, target, example, before)
+                    keep = self._allocate_sensitivity(pl_module, target, example, current)
                 else:
-                    ratio = self._search_ratio(pl_module, target, example, before)
+                    ratio = self._search_ratio(pl_module, target, example, current)
             except _UnreachableTarget as err:  # every rank raises it, none waits in the broadcast
                 error = str(err)
         with track_pruning(target) as tracker:
@@ -391,7 +429,7 @@ class StructuredPruning(pl.Callback):
                         apply_records(target, [record], step=self.steps_done)
             if error is not None:
                 raise MisconfigurationException(error)
-        history.append(records or [])
+        history.append(blocks + (records or []))
         set_pruning_root(pl_module, self.submodule)
         if calibrated:
             target.zero_grad(set_to_none=True)
@@ -523,6 +561,37 @@ class StructuredPruning(pl.Callback):
             assert self._step_ms is not None
             stats["latency_ms"] = self._relative_latency(target, trial, example) * self._step_ms
         return stats
+
+    def _residual_blocks(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> list[str]:
+        """The residual blocks ``remove_blocks`` chooses from: none holding an ignored or output layer."""
+        ignored = self._ignored_layers(pl_module, target, example)
+        with restored(target):
+            return find_residual_blocks(target, example, ignored_layers=ignored)
+
+    def _drop_blocks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, example: Any
+    ) -> list[dict[str, Any]]:
+        """Remove the ``remove_blocks`` residual blocks of lowest ``block_importance`` (rank 0 decides, every rank
+        applies), with the optimizers following; the records."""
+        if not self.remove_blocks:
+            return []
+        records: list[dict[str, Any]] = []
+        with track_pruning(target) as tracker:
+            if trainer.is_global_zero:
+                found = self._residual_blocks(pl_module, target, example)
+                chosen = select_blocks(block_scores(target, found, self.block_importance), self.remove_blocks)
+                records = remove_blocks(target, chosen)
+            if trainer.world_size > 1:
+                records = trainer.strategy.broadcast(records, src=0)
+                if not trainer.is_global_zero:
+                    apply_records(target, records, step=self.steps_done)
+        for optimizer in trainer.optimizers:
+            tracker.patch(optimizer)
+        rank_zero_info(
+            f"StructuredPruning removed {len(records)} residual blocks (lowest {self.block_importance!r}): "
+            + ", ".join(r["module"] for r in records)
+        )
+        return records
 
     def _goal(self) -> float:
         """This step's target as a fraction of the original model's metric."""

@@ -530,6 +530,9 @@ if __name__ == "__main__":
     if pruning.allocation == "latency":  # a cost that differs by rank (not timings: they would make the test flaky)
         rank = int(os.environ.get("LOCAL_RANK", 0))
         pruning.latency_table = lambda layer, c_in, c_out: layer.macs(c_in, c_out) * (1 + rank * (len(layer.name) % 5))
+    if pruning.remove_blocks:  # block scores that differ by rank: rank 1 alone would remove other blocks
+        sign = -1 if int(os.environ.get("LOCAL_RANK", 0)) else 1
+        pruning.block_importance = lambda name, module: sign * sum(map(ord, name))
     callbacks = [Reseed(), pruning, Report()]
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy={strategy!r}, max_epochs=3, limit_train_batches=2,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
@@ -554,6 +557,8 @@ if __name__ == "__main__":
         ("ddp_spawn", "adamw", "random", {"target_macs_ratio": 0.6}),
         # rank 0 decides with its latency table (rank 1's would choose other channels)
         ("ddp", "sgd", "random", {"target_macs_ratio": 0.6, "allocation": "latency"}),
+        # rank 0 chooses the residual blocks to remove (rank 1's scores would pick others)
+        ("ddp", "sgd", "l2", {"remove_blocks": 2}),
     ],
 )
 def test_ddp_ranks_prune_identically_and_keep_training(tmp_path, strategy, optimizer, importance, prune_kwargs):
