@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -51,6 +52,7 @@ from lightning_prune.pruning.folding import InputMeans, fold_removed_inputs
 from lightning_prune.pruning.history import apply_records
 from lightning_prune.pruning.importance import needs_calibration, resolve_importance
 from lightning_prune.pruning.latency import Cost, LatencyAllocation, LatencyTable, width_ratios
+from lightning_prune.pruning.netadapt import NetAdapt, NetAdaptRound
 from lightning_prune.pruning.optim import track_pruning
 from lightning_prune.pruning.schedules import build_schedule, relative_ratios
 from lightning_prune.pruning.tracing import restored, traceable
@@ -105,6 +107,14 @@ class StructuredPruning(pl.Callback):
     the machine's drifts hit both); the achieved latency, timed the same way, is logged as ``prune/latency_ms``.
     Timing is wall clock: measure on a quiet machine.
 
+    With ``allocation="netadapt"`` rank 0 shrinks copies of the module round by round (NetAdapt, Yang et al., ECCV
+    2018, https://arxiv.org/abs/1804.03230; :class:`~lightning_prune.pruning.netadapt.NetAdapt`): each round every
+    group proposes the smallest cut that removes ``netadapt_step`` of the original MACs (or params), each proposal is
+    scored by :meth:`netadapt_score` (the module's mAP with its ``postprocess`` on the first ``netadapt_batches``
+    validation batches), and the one losing the least score per MAC saved is kept, until the step's target is met;
+    the chosen copy's channels are then removed from the module. A round costs one dry run and one evaluation per
+    group (YOLOv8n: 59 groups); the paper's finetune between rounds is the schedule's training between steps.
+
     Args:
         pruning_ratio: fraction of the channels of the original model removed after the last step, in (0, 1);
             default 0.5; 0 with ``layer_ratios`` to prune only those layers (or with ``remove_blocks``: only blocks).
@@ -140,7 +150,8 @@ class StructuredPruning(pl.Callback):
         allocation: ``"importance"`` (rank channels by the criterion, globally or per layer), ``"latency"``
             (latency-aware widths, see above; needs ``target_macs_ratio`` or ``target_latency_ratio``) or
             ``"sensitivity"`` (widths from ``sensitivity``, see above; needs ``target_macs_ratio`` or
-            ``target_params_ratio``). Only ``"importance"`` takes ``layer_ratios``.
+            ``target_params_ratio``) or ``"netadapt"`` (rounds scored on validation batches, see above; needs
+            ``target_macs_ratio`` or ``target_params_ratio``). Only ``"importance"`` takes ``layer_ratios``.
         target_latency_ratio: with ``allocation="latency"``, fraction of the original model's latency (as the
             latency table sums it) left after the last step, in (0, 1); instead of the other targets.
         latency_batch_size: the batch size the latency table times layers at (deployment's), an int >= 1.
@@ -154,6 +165,9 @@ class StructuredPruning(pl.Callback):
         block_importance: how blocks are ranked: ``"bn_scale"`` (mean |γ| of all their BatchNorm channels, the layer
             pruning of YOLOv3 slimming pipelines), ``"last_bn"`` (the last BatchNorm's, which scales the branch) or a
             callable ``(name, module) -> score`` (lowest removed first).
+        netadapt_step: with ``allocation="netadapt"``, the fraction of the original MACs (or params) each round
+            removes, in (0, 1).
+        netadapt_batches: with ``allocation="netadapt"``, validation batches each proposal is scored on, >= 1.
         sensitivity: with ``allocation="sensitivity"``, the sensitivity table of the unpruned module: the path of
             ``lightning-prune sensitivity``'s ``sensitivity.json``, its dict, or a
             :class:`~lightning_prune.pruning.SensitivityResult`.
@@ -212,6 +226,8 @@ class StructuredPruning(pl.Callback):
         target_latency_ms: float | None = None,
         remove_blocks: int = 0,
         block_importance: str | BlockImportance = "bn_scale",
+        netadapt_step: float = 0.05,
+        netadapt_batches: int = 4,
     ) -> None:
         super().__init__()
         if epochs is None:
@@ -255,6 +271,11 @@ class StructuredPruning(pl.Callback):
         if isinstance(remove_blocks, bool) or not (is_int(remove_blocks) and remove_blocks >= 0):
             raise ValueError(f"Expected argument `remove_blocks` to be an int >= 0 but got {remove_blocks!r}.")
         self.remove_blocks = int(remove_blocks)
+        if isinstance(netadapt_step, bool) or not (isinstance(netadapt_step, (int, float)) and 0 < netadapt_step < 1):
+            raise ValueError(f"Expected argument `netadapt_step` to be a float in (0, 1) but got {netadapt_step!r}.")
+        if isinstance(netadapt_batches, bool) or not (is_int(netadapt_batches) and netadapt_batches >= 1):
+            raise ValueError(f"Expected argument `netadapt_batches` to be an int >= 1 but got {netadapt_batches!r}.")
+        self.netadapt_step, self.netadapt_batches = float(netadapt_step), int(netadapt_batches)
         self.block_importance = resolve_block_importance(block_importance)
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
         if reduction == 0 and not isinstance(reduction, bool) and (self.layer_ratios or self.remove_blocks):
@@ -399,6 +420,7 @@ class StructuredPruning(pl.Callback):
             self._original = dict(before)
         ratio = self.step_ratio(pl_module, target, example)  # of the model as it is now
         keep: dict[str, int] | None = None  # latency allocation: {group root: channels kept}
+        planned: list[dict[str, Any]] | None = None  # NetAdapt: the records of its rounds
         self._latency = None
         widths = layer_widths(target)
         prunes = self.metric is not None or ratio > 0 or bool(self.layer_ratios)
@@ -413,13 +435,15 @@ class StructuredPruning(pl.Callback):
                     keep = self._allocate(pl_module, target, example, current)
                 elif self.allocation == "sensitivity":
                     keep = self._allocate_sensitivity(pl_module, target, example, current)
+                elif self.allocation == "netadapt":
+                    planned = self._netadapt(trainer, pl_module, target, example, current)
                 else:
                     ratio = self._search_ratio(pl_module, target, example, current)
             except _UnreachableTarget as err:  # every rank raises it, none waits in the broadcast
                 error = str(err)
         with track_pruning(target) as tracker:
             if trainer.is_global_zero and error is None:  # decide once, apply everywhere
-                records = self._decide_and_prune(trainer, pl_module, target, example, ratio, fold, keep)
+                records = self._decide_and_prune(trainer, pl_module, target, example, ratio, fold, keep, planned)
             if trainer.world_size > 1:
                 records, error = trainer.strategy.broadcast((records, error), src=0)
                 if not trainer.is_global_zero and error is None:
@@ -464,7 +488,14 @@ class StructuredPruning(pl.Callback):
         ratio: float,
         fold: InputMeans | None,
         keep: dict[str, int] | None = None,
+        planned: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
+        if planned is not None:  # NetAdapt's rounds, chosen on copies: the same records, the same channels
+            for record in planned:
+                if fold is not None:
+                    fold_removed_inputs(target, [record], fold)
+                apply_records(target, [record], step=self.steps_done)
+            return planned
         ignored = self._ignored_layers(pl_module, target, example)
         if (keep is None and ratio <= 0 and not self.layer_ratios) or keep == {}:
             return []
@@ -713,6 +744,54 @@ class StructuredPruning(pl.Callback):
         )
         return keep(position)
 
+    def netadapt_score(self, model: nn.Module, batches: list[Any]) -> float:
+        """The score NetAdapt compares its proposals by (higher is better): COCO mAP50-95 of ``model`` (a pruned
+        copy of the module, with the module's ``postprocess``) on ``batches``. Override it for other modules."""
+        from lightning_prune.report.evaluate import evaluate_map  # report imports the models, which import callbacks
+
+        device = next(model.parameters()).device
+        with restored(model):
+            model.eval()
+            return evaluate_map(model, model.postprocess, batches, device=device)["mAP"]
+
+    def _netadapt(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, example: Any, now: dict
+    ) -> list[dict[str, Any]] | None:
+        """Rank 0: NetAdapt's rounds on copies of ``target`` down to the step's goal; their records."""
+        assert self.metric is not None and self._original is not None
+        goal = self._goal() * self._original[self.metric] / max(now[self.metric], 1e-12)  # of the model as it is
+        if goal >= 1.0 - self.tolerance:
+            return None  # already small enough
+        batches = _validation_batches(trainer, self.netadapt_batches)
+
+        def report(round_: NetAdaptRound) -> None:
+            rank_zero_info(
+                f"StructuredPruning NetAdapt round {len(adapt.rounds)}: `{round_.group}` → {round_.width} channels, "
+                f"{self.metric} {round_.cost:.3f} of the step's start, score {round_.score:.4f} "
+                f"({round_.candidates} proposals)"
+            )
+
+        adapt = NetAdapt(
+            target,
+            example,
+            lambda model: self.netadapt_score(model, batches),
+            importance=self.importance,
+            step=self.netadapt_step * self._original[self.metric] / max(now[self.metric], 1e-12),
+            cost=self.metric,
+            ignored_layers=[re.escape(n) for n in self._ignored_layers(pl_module, target, example)],
+            round_to=self.round_to,
+            max_layer_ratio=self.max_layer_ratio,
+            on_round=report,
+        )
+        try:
+            return adapt.run(goal)
+        except ValueError as err:
+            name, given = self._target_argument()
+            raise _UnreachableTarget(
+                f"Expected argument `{name}` ({given}) to be reachable by NetAdapt but: {err} HINT: raise "
+                f"`max_layer_ratio` or `{name}`, or lower `round_to`."
+            ) from None
+
     def _search_moves(
         self,
         allocation: LatencyAllocation,
@@ -877,6 +956,22 @@ class StructuredPruning(pl.Callback):
         )
 
 
+def _validation_batches(trainer: pl.Trainer, count: int) -> list[Any]:
+    """The first ``count`` batches of the Trainer's (first) validation dataloader, set up if it is not yet."""
+    loaders = trainer.val_dataloaders
+    if loaders is None and hasattr(trainer, "fit_loop"):
+        trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    batches = list(itertools.islice(loader, count)) if loader is not None else []
+    if not batches:
+        raise MisconfigurationException(
+            "Expected validation data to score NetAdapt's proposals (allocation='netadapt') but the Trainer has none. "
+            "HINT: give `fit` a `val_dataloaders` (or a datamodule with `val_dataloader`) and `limit_val_batches` > 0."
+        )
+    return batches
+
+
 def _default_probe(models: list[nn.Module], example: Any) -> list[float]:
     from lightning_prune.report.latency import latency_ms  # report imports the models, which import callbacks
 
@@ -933,7 +1028,7 @@ def _resolve_target(pruning_ratio: float | None, targets: dict[str, float | None
     return name.split("_")[1], float(value)
 
 
-_ALLOCATIONS = ("importance", "latency", "sensitivity")
+_ALLOCATIONS = ("importance", "latency", "sensitivity", "netadapt")
 
 
 def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any, layer_ratios: Any) -> str:
@@ -961,6 +1056,16 @@ def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any,
         raise ValueError(
             f"Expected argument `allocation` to be 'latency' with `target_latency_ratio` but got {allocation!r}. "
             "HINT: latency is estimated by the latency allocation's table; pass `allocation='latency'`."
+        )
+    if allocation == "netadapt" and metric not in ("macs", "params"):
+        given = (
+            "`target_latency_ms`"
+            if metric == "latency_ms"
+            else ("neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`")
+        )
+        raise ValueError(
+            f"Expected `target_macs_ratio` or `target_params_ratio` with allocation='netadapt' but got {given}. "
+            "HINT: NetAdapt shrinks the model round by round until a MACs or params budget is met."
         )
     if allocation == "sensitivity" and metric not in ("macs", "params", "latency_ms"):
         given = "neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`"

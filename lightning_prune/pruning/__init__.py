@@ -1,5 +1,5 @@
 """Structured pruning without the Trainer: criteria, calibration, the pruning step, residual block removal,
-latency-aware and sensitivity allocation, schedules, a replayable history, optimizer patching, sparsity
+latency-aware, sensitivity and NetAdapt allocation, schedules, a replayable history, optimizer patching, sparsity
 regularization, bias folding; fine-grained magnitude masks and their storage size."""
 
 from lightning_prune.pruning.allocation import SensitivityAllocation, load_sensitivity
@@ -25,6 +25,7 @@ from lightning_prune.pruning.masks import (
     masked_parameters,
     storage_report,
 )
+from lightning_prune.pruning.netadapt import NetAdapt, NetAdaptRound, layer_macs
 from lightning_prune.pruning.optim import PruningTracker, track_pruning
 from lightning_prune.pruning.schedules import (
     SCHEDULES,
@@ -49,6 +50,8 @@ __all__ = [
     "InputMeans",
     "LatencyAllocation",
     "LatencyTable",
+    "NetAdapt",
+    "NetAdaptRound",
     "PruningHistory",
     "PruningTracker",
     "SensitivityAllocation",
@@ -67,6 +70,7 @@ __all__ = [
     "fold_removed_inputs",
     "geometric",
     "group_records",
+    "layer_macs",
     "linear",
     "load_layer_ratios",
     "load_sensitivity",
