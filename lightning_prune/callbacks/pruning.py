@@ -55,7 +55,7 @@ from lightning_prune.pruning.latency import Cost, LatencyAllocation, LatencyTabl
 from lightning_prune.pruning.netadapt import NetAdapt, NetAdaptRound
 from lightning_prune.pruning.optim import track_pruning
 from lightning_prune.pruning.schedules import build_schedule, relative_ratios
-from lightning_prune.pruning.tracing import restored, traceable
+from lightning_prune.pruning.tracing import copy_with_grads, restored, traceable
 from lightning_prune.report.summary import model_stats
 
 
@@ -584,7 +584,7 @@ class StructuredPruning(pl.Callback):
         keep: dict[str, int] | None = None,
     ) -> dict[str, float]:
         """The stats of a deep copy of ``target`` pruned as this step would (``target`` itself untouched)."""
-        trial = copy.deepcopy(target)  # parameters, grads, flags and history names as in `target`
+        trial = copy_with_grads(target)  # parameters, grads, flags and history names as in `target`
         with restored(trial, keep_grads=True):
             self._prune(trial, example, ratio, ignored, history, keep=keep)
         stats = model_stats(trial, example)

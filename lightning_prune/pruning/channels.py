@@ -106,7 +106,7 @@ class _CappedImportance:
     """Wraps a criterion so that a layer keeps at least ``1 - max_layer_ratio`` of its *original* channels.
 
     Torch-pruning's ``max_pruning_ratio`` is relative to the model the pruner was built on (each step here), so the
-    channels a layer must keep get an infinite score instead: no threshold selects them.
+    channels a layer must keep get an infinite score instead: no threshold selects them. NaN scores count as 0.
     """
 
     def __init__(self, importance: Importance, widths: dict[int, int], max_ratio: float) -> None:
@@ -117,7 +117,9 @@ class _CappedImportance:
         if imp is None:
             return None
         keep = _keep(self.widths.get(id(group[0][0].target.module), len(imp)), len(imp), self.max_ratio)
-        imp = imp.clone()
+        # a group scoring all zeros (Taylor on a branch without gradient) comes back NaN from torch-pruning's mean
+        # normalizer (0 / 0); NaN would poison the global threshold (nothing at all would be pruned)
+        imp = torch.nan_to_num(imp, nan=0.0)
         imp[torch.topk(imp, keep).indices] = float("inf")
         return imp
 

@@ -39,7 +39,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -56,7 +55,7 @@ from torch_pruning.pruner.importance import Importance
 
 from lightning_prune.pruning.channels import check_traceable, layer_widths, output_layers, prune_channels
 from lightning_prune.pruning.importance import needs_calibration, resolve_importance
-from lightning_prune.pruning.tracing import restored
+from lightning_prune.pruning.tracing import copy_with_grads, restored
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # torch-pruning's BasePruner roots groups at these (prune_channels builds one with its defaults)
@@ -508,9 +507,10 @@ def _find_groups(model: nn.Module, graph: tp.DependencyGraph, ignored: list[str]
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``; a LightningModule's Trainer is shared, not copied."""
+    """A deep copy of ``model`` with its gradients (a calibrated Taylor criterion reads them); a LightningModule's
+    Trainer is shared, not copied."""
     trainer = getattr(model, "_trainer", None)
-    return copy.deepcopy(model, {id(trainer): trainer} if trainer is not None else {})
+    return copy_with_grads(model, {id(trainer): trainer} if trainer is not None else {})
 
 
 def _macs(model: nn.Module, example_input: Any) -> float:

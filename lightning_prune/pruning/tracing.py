@@ -16,8 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,3 +54,19 @@ def restored(module: nn.Module, keep_grads: bool = False) -> Iterator[None]:
         if not keep_grads:
             for p in module.parameters():
                 p.grad = None
+
+
+def copy_with_grads(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy of ``module`` whose parameters also carry copies of the gradients (``nn.Parameter``'s deepcopy drops
+    ``.grad``, which gradient criteria such as Taylor read on dry-run copies); ``memo`` as ``copy.deepcopy``'s.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> copy_with_grads(net).weight.grad
+        tensor([[1., 1.]])
+    """
+    copied = copy.deepcopy(module, memo)
+    for original, twin in zip(module.parameters(), copied.parameters(), strict=True):
+        twin.grad = None if original.grad is None else original.grad.detach().clone()
+    return copied

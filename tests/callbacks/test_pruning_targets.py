@@ -167,3 +167,15 @@ def test_unreachable_target_names_what_was_reachable():
         callback.on_train_epoch_start(fake_trainer(), model)
     assert len(pruning_history(model)) == 0 and callback.steps_done == 0
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("importance", ["taylor", "hessian"])
+def test_gradient_criteria_meet_a_target_on_dry_runs_that_carry_the_gradients(importance):
+    # nn.Parameter's deepcopy drops .grad: the dry runs' copies must get the calibrated gradients back
+    model = FAMILIES["yolov8"]()
+    before = model_stats(model, model.example_input_array)
+    callback = StructuredPruning(importance=importance, target_macs_ratio=0.5, calibration_batches=1)
+    callback.on_train_epoch_start(fake_trainer(loader=make_loader()), model)
+    after = model_stats(model, model.example_input_array)
+    assert after["macs"] / before["macs"] == pytest.approx(0.5, rel=StructuredPruning.tolerance)
+    assert all(p.grad is None for p in model.parameters())  # calibration gradients cleared after the step

@@ -153,3 +153,23 @@ def test_magnitude_criteria_need_no_backward():
     with Calibration(tp.importance.GroupMagnitudeImportance(), net) as calibration:
         calibration.step(loss(net, batches[0]))
     assert all(p.grad is None for p in net.parameters()) and calibration.tensors() == []
+
+
+def test_nan_scores_count_as_zero_in_the_global_ranking():
+    # torch-pruning's mean normalizer turns a group of all-zero scores (Taylor, no gradient) into NaN: without the
+    # guard the global threshold is NaN and nothing at all is pruned
+    import torch_pruning as tp
+    from torch import nn
+
+    from lightning_prune.pruning.channels import prune_channels
+
+    class NanForFirst(tp.importance.GroupMagnitudeImportance):
+        def __call__(self, group):
+            imp = super().__call__(group)
+            return torch.full_like(imp, float("nan")) if group[0][0].target.module is net[0] else imp
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    prune_channels(net, torch.zeros(1, 3, 16, 16), NanForFirst(), 0.5, ignored_layers=[net[4]])
+    assert net[0].out_channels + net[2].out_channels == 8
+    assert net[0].out_channels < 8  # the NaN group's channels rank lowest (0)
