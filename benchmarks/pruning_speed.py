@@ -81,42 +81,65 @@ def build(scale: str = "s") -> YOLOv8:
     return model
 
 
-def macs(model: nn.Module) -> float:
-    return model_stats(model, torch.zeros(1, 3, TRACE, TRACE))["macs"]
+def macs(model: nn.Module, size: int = TRACE) -> float:
+    return model_stats(model, torch.zeros(1, 3, size, size))["macs"]
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def torch_pruning(base: YOLOv8, reduction: float, round_to: int | None, iterations: int = 14) -> tuple[nn.Module, str]:
-    """Torch-Pruning's YOLOv8 recipe, its uniform ``pruning_ratio`` bisected to the MACs reduction."""
-    goal, original = 1.0 - reduction, macs(base)
+def tp_prune(
+    model: nn.Module,
+    ratio: float,
+    round_to: int | None = None,
+    size: int = TRACE,
+    pruner: type[tp.pruner.BasePruner] = tp.pruner.MagnitudePruner,
+) -> nn.Module:
+    """One step of plain Torch-Pruning on ``model``, in place, as its YOLOv8 example prunes: a new pruner,
+    ``GroupMagnitudeImportance(p=2)``, the same ``ratio`` for every layer, the head's output convs ignored."""
+    ignored = [model.get_submodule(n) for n in model.adapter.output_layers(model)]
+    pruner(
+        model,
+        torch.zeros(1, 3, size, size),
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        round_to=round_to,
+    ).step()
+    return model.eval()
 
-    def prune(ratio: float) -> nn.Module:
-        model = copy.deepcopy(base)
-        example = torch.zeros(1, 3, TRACE, TRACE)
-        ignored = [model.get_submodule(n) for n in model.adapter.output_layers(model)]
-        pruner = tp.pruner.MagnitudePruner(
-            model,
-            example,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio,
-            ignored_layers=ignored,
-            round_to=round_to,
-        )
-        pruner.step()
-        return model.eval()
 
+def search_tp_ratio(
+    base: nn.Module,
+    reduction: float,
+    round_to: int | None,
+    iterations: int = 14,
+    size: int = TRACE,
+    steps: int = 1,
+    pruner: type[tp.pruner.BasePruner] = tp.pruner.MagnitudePruner,
+) -> tuple[nn.Module, float]:
+    """A copy of ``base`` pruned to the MACs reduction by ``steps`` calls of :func:`tp_prune` at one ratio (bisected),
+    and that ratio. The widths of a uniform ratio do not depend on the weights: training between the steps keeps
+    the MACs found here."""
+    goal, original = 1.0 - reduction, macs(base, size)
     lo, hi, best = 0.0, 0.95, None
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        model = prune(mid)
-        value = macs(model) / original
+        model = copy.deepcopy(base)
+        for _ in range(steps):
+            tp_prune(model, mid, round_to, size, pruner)
+        value = macs(model, size) / original
         if best is None or abs(value / goal - 1) < abs(best[1] / goal - 1):
             best = (model, value, mid)
         if abs(value / goal - 1) < TOLERANCE / 3:
             break
         lo, hi = (mid, hi) if value > goal else (lo, mid)
     assert best is not None
-    return best[0], f"pruning_ratio={best[2]:.3f}"
+    return best[0], best[2]
+
+
+def torch_pruning(base: YOLOv8, reduction: float, round_to: int | None, iterations: int = 14) -> tuple[nn.Module, str]:
+    """Torch-Pruning's YOLOv8 recipe, its uniform ``pruning_ratio`` bisected to the MACs reduction."""
+    model, ratio = search_tp_ratio(base, reduction, round_to, iterations)
+    return model, f"pruning_ratio={ratio:.3f}"
 
 
 def ours(base: YOLOv8, reduction: float, **kwargs: Any) -> tuple[nn.Module, str]:
@@ -180,8 +203,9 @@ def event_cost(base: YOLOv8, **kwargs: Any) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def event_table(scale: str, spec: str, runs: int, with_target: bool = True) -> str:
-    """The cost of one pruning event, ours and plain Torch-Pruning's, medians of ``runs`` interleaved runs."""
+def event_medians(scale: str, spec: str, runs: int, with_target: bool = True) -> dict[str, float]:
+    """Seconds of one pruning event, medians of ``runs`` interleaved runs: ``ratio`` (ours, ``pruning_ratio=0.5``;
+    absent for the latency allocation, which needs a target), ``target`` (``target_macs_ratio=0.5``), ``tp``."""
     kwargs = parse_ours(spec)
     by_ratio = kwargs.get("allocation", "importance") != "latency"  # the latency allocation needs a target
     variants = {"ratio": lambda: event_cost(build(scale), pruning_ratio=0.5, **kwargs)} if by_ratio else {}
@@ -192,7 +216,13 @@ def event_table(scale: str, spec: str, runs: int, with_target: bool = True) -> s
     for _ in range(runs):
         for name, run in variants.items():
             times[name].append(run())
-    median = {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def event_table(scale: str, spec: str, runs: int, with_target: bool = True) -> str:
+    """The cost of one pruning event, ours and plain Torch-Pruning's, medians of ``runs`` interleaved runs."""
+    by_ratio = parse_ours(spec).get("allocation", "importance") != "latency"
+    median = event_medians(scale, spec, runs, with_target)
     target = f"{median['target']:.2f}" if with_target else "skipped (--quick)"
     ratio = f"{median['ratio']:.2f}" if by_ratio else "- (needs a target)"
     return "\n".join(

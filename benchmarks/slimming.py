@@ -52,18 +52,25 @@ class _TimedSparsity(SparsityRegularization):
 
 
 def step_overhead(recipe: Path, steps: int, rounds: int = 6) -> dict[str, float]:
-    """Step time without and with SparsityRegularization, fits interleaved (order alternating).
+    """Step time without and with the SparsityRegularization of ``recipe``'s sparsity stage (see
+    :func:`sparsity_overhead`)."""
+    shared, stages = split_recipe(load_recipe(recipe))
+    penalty = next(
+        c["init_args"] for c in stages["sparsity"]["callbacks"] if c["class_path"].endswith("SparsityRegularization")
+    )
+    return sparsity_overhead(shared, penalty, steps, rounds)
+
+
+def sparsity_overhead(shared: dict[str, Any], penalty: dict[str, Any], steps: int, rounds: int = 6) -> dict[str, float]:
+    """Step time of ``shared``'s model without and with ``SparsityRegularization(**penalty)``, fits interleaved (order
+    alternating), on synthetic batches of its data's size.
 
     Returns the median step times (s), the median and spread of the per-round ratios, and the hook's own time.
     """
-    shared, stages = split_recipe(load_recipe(recipe))
     module_name, _, class_name = shared["model"]["class_path"].rpartition(".")
     detector = getattr(importlib.import_module(module_name), class_name)
     size = shared["data"].get("img_size", 320)
     loader = synthetic_loader(size, shared["data"].get("batch_size", 16), steps)
-    penalty = next(
-        c["init_args"] for c in stages["sparsity"]["callbacks"] if c["class_path"].endswith("SparsityRegularization")
-    )
     hooks: list[float] = []
 
     def fit(regularized: bool) -> list[float]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -19,6 +20,7 @@ def load(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # as an import does: dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(BENCHMARKS))
@@ -109,3 +111,42 @@ def test_distillation_step_only_writes_its_own_section(tmp_path):
     body = load("distillation").main(args)
     assert "<!-- distillation_step:start -->" in results.read_text() and "distillation:start" not in results.read_text()
     assert "teacher forward" in body
+
+
+@pytest.mark.slow
+def test_compare_quick_writes_its_section(tmp_path):
+    module = load("compare")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n<!-- other:start -->\n## other\n\nkept\n<!-- other:end -->\n")
+    args = ["--quick", "--threads", "1", "--data_root", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]
+    body = module.main([*args, "--results", str(results)])
+    text = results.read_text()
+    assert "<!-- compare:start -->" in text and "<!-- compare:end -->" in text and "kept" in text
+    for model in ("### yolov8n", "### yolov3-tiny"):
+        assert model in body
+    for method in ["Baseline", *module.METHODS]:
+        assert f"| {method} |" in body
+    for row in ("| SparsityRegularization", "| Distillation", "one pruning event", "beats every peer row"):
+        assert row in body
+    assert (tmp_path / "runs/yolov8n-64px-b1-quick/seed0/baseline.ckpt").is_file()  # stages kept for a rerun
+
+
+@pytest.mark.slow
+def test_allocation_trains_analyses_and_writes_its_section(tmp_path):
+    recipe = tmp_path / "tiny.yaml"  # a 64 px, few-image single-stage recipe (the benchmark trains it)
+    config = {
+        "_base_": [str(ROOT / "recipes/shapes/yolov8n.yaml")],
+        "data": {"img_size": 64, "num_train": 8, "num_val": 4, "batch_size": 4, "num_workers": 0},
+        "trainer": {"accelerator": "cpu", "limit_train_batches": 2, "enable_progress_bar": False},
+    }
+    recipe.write_text(yaml.safe_dump(config))
+    results = tmp_path / "RESULTS.md"
+    args = ["--recipe", str(recipe), "--baseline_epochs", "1", "--ratios", "0.5", "--sensitivity_batches", "1"]
+    args += ["--sensitivity_groups", r"backbone\.stage[45].*"]  # a few groups: each costs an evaluation
+    args += ["--finetune_epochs", "1", "--train_batches", "1", "--target_macs", "0.9", "--out", str(tmp_path / "out")]
+    args += ["--methods", "uniform,sensitivity", "--results", str(results), "--data.root", str(tmp_path / "cache")]
+    body = load("allocation").main(args)
+    assert "<!-- allocation:start -->" in results.read_text()
+    for row in ("| uniform |", "| sensitivity |", "sensitivity-allocated >= uniform + 1.0 before finetune"):
+        assert row in body
+    assert (tmp_path / "out/sensitivity/sensitivity.json").is_file()  # reused by a rerun
