@@ -150,3 +150,12 @@ def test_allocation_trains_analyses_and_writes_its_section(tmp_path):
     for row in ("| uniform |", "| sensitivity |", "sensitivity-allocated >= uniform + 1.0 before finetune"):
         assert row in body
     assert (tmp_path / "out/sensitivity/sensitivity.json").is_file()  # reused by a rerun
+
+
+@pytest.mark.slow
+def test_latency_target_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    args = ["--img_size", "64", "--batches", "1", "--fractions", "0.7", "--repeats", "2", "--threads", "1"]
+    body = load("latency_target").main([*args, "--results", str(results)])
+    assert "<!-- latency_target:start -->" in results.read_text()
+    assert "| 1 | importance |" in body and "latency target in ms met within 10%" in body
