@@ -11,7 +11,8 @@ of ``lightning-prune sensitivity --config RECIPE --ckpt CKPT --round_to 8`` on i
 command is run into ``--out``, reused when there; about 7 s per group × 59 groups for YOLOv8n on 4 batches).
 
 Each method prunes a fresh copy of the baseline one-shot to ``--target_macs`` of its MACs with
-``StructuredPruning`` (``l2``, the same ``--round_to``), outside a Trainer:
+``StructuredPruning`` (``l2``, the same ``--round_to``), outside a Trainer (each method and seed's result is kept
+in ``--out`` and reused by a rerun):
 
 - ``uniform``: every layer loses the same fraction of its channels (``global_pruning=False``), the ratio searched;
 - ``global``: channels ranked across layers by the criterion (the callback's default);
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import statistics
 import sys
@@ -188,8 +190,12 @@ def main(argv: list[str] | None = None) -> str:
     base_stats = model_stats(base, example)
     rows: dict[str, dict[str, Any]] = {}
     for method in methods:
-        before, after = [], []
+        runs = []
         for seed in seeds:
+            cache = out / f"{method}-t{args.target_macs:g}-r{args.round_to}-e{args.finetune_epochs}-seed{seed}.json"
+            if cache.is_file():  # a finished run of this method and seed (a stopped benchmark resumes)
+                runs.append(json.loads(cache.read_text()))
+                continue
             pl.seed_everything(seed)
             val = data.val_dataloader()
             try:
@@ -197,16 +203,27 @@ def main(argv: list[str] | None = None) -> str:
                     base, method, args.target_macs, args.round_to, args.sensitivity, val, args.netadapt_step
                 )
             except (ValueError, MisconfigurationException) as err:  # e.g. a budget the table cannot meet
-                rows[method] = {"failed": str(err).split(" HINT:")[0]}
+                runs.append({"failed": str(err).split(" HINT:")[0]})
                 print(f"[allocation] {method} failed: {err}", flush=True)
                 break
-            stats = model_stats(model, example)
-            before.append(score(model))
-            finetune(model.train(), data, args.finetune_epochs, seed, Path(args.out), args.train_batches)
-            after.append(score(model))
-            print(f"[allocation] {method} seed {seed}: {before[-1]:.4f} -> {after[-1]:.4f}", flush=True)
-        if method not in rows:
-            rows[method] = {"stats": stats, "seconds": seconds, "before": before, "after": after}
+            run = {"stats": model_stats(model, example), "seconds": seconds, "before": score(model)}
+            finetune(model.train(), data, args.finetune_epochs, seed, out, args.train_batches)
+            run["after"] = score(model)
+            print(f"[allocation] {method} seed {seed}: {run['before']:.4f} -> {run['after']:.4f}", flush=True)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(run))
+            runs.append(run)
+        failed = [r for r in runs if "failed" in r]
+        rows[method] = (
+            failed[0]
+            if failed
+            else {
+                "stats": runs[0]["stats"],
+                "seconds": statistics.fmean(r["seconds"] for r in runs),
+                "before": [r["before"] for r in runs],
+                "after": [r["after"] for r in runs],
+            }
+        )
     body = report(args, base_map, base_stats, rows, seeds)
     write_section(args.section, body, Path(args.results))
     print(body)

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch_pruning as tp
 from lightning_fabric.utilities.apply_func import move_data_to_device
+from pytorch_lightning.core.optimizer import _init_optimizers_and_lr_schedulers
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -168,6 +169,9 @@ class StructuredPruning(pl.Callback):
         netadapt_step: with ``allocation="netadapt"``, the fraction of the original MACs (or params) each round
             removes, in (0, 1).
         netadapt_batches: with ``allocation="netadapt"``, validation batches each proposal is scored on, >= 1.
+        netadapt_finetune_batches: with ``allocation="netadapt"``, training batches of a short finetune of each round's
+            winner (its own ``training_step`` and ``configure_optimizers``) before the next round; 0: none. The module
+            then takes the finetuned winner's weights. Needs ``submodule=None``.
         sensitivity: with ``allocation="sensitivity"``, the sensitivity table of the unpruned module: the path of
             ``lightning-prune sensitivity``'s ``sensitivity.json``, its dict, or a
             :class:`~lightning_prune.pruning.SensitivityResult`.
@@ -228,6 +232,7 @@ class StructuredPruning(pl.Callback):
         block_importance: str | BlockImportance = "bn_scale",
         netadapt_step: float = 0.05,
         netadapt_batches: int = 4,
+        netadapt_finetune_batches: int = 0,
     ) -> None:
         super().__init__()
         if epochs is None:
@@ -276,6 +281,20 @@ class StructuredPruning(pl.Callback):
         if isinstance(netadapt_batches, bool) or not (is_int(netadapt_batches) and netadapt_batches >= 1):
             raise ValueError(f"Expected argument `netadapt_batches` to be an int >= 1 but got {netadapt_batches!r}.")
         self.netadapt_step, self.netadapt_batches = float(netadapt_step), int(netadapt_batches)
+        if isinstance(netadapt_finetune_batches, bool) or not (
+            is_int(netadapt_finetune_batches) and netadapt_finetune_batches >= 0
+        ):
+            raise ValueError(
+                "Expected argument `netadapt_finetune_batches` to be an int >= 0 but got "
+                f"{netadapt_finetune_batches!r}."
+            )
+        if netadapt_finetune_batches and submodule is not None:
+            raise ValueError(
+                f"Expected argument `submodule` to be None with `netadapt_finetune_batches` but got {submodule!r}. "
+                "HINT: the short finetune runs the LightningModule's own `training_step` on copies of the whole module."
+            )
+        self.netadapt_finetune_batches = int(netadapt_finetune_batches)
+        self._netadapt_state: dict[str, torch.Tensor] | None = None  # the finetuned winner's weights (rank 0)
         self.block_importance = resolve_block_importance(block_importance)
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
         if reduction == 0 and not isinstance(reduction, bool) and (self.layer_ratios or self.remove_blocks):
@@ -495,6 +514,11 @@ class StructuredPruning(pl.Callback):
                 if fold is not None:
                     fold_removed_inputs(target, [record], fold)
                 apply_records(target, [record], step=self.steps_done)
+            if self._netadapt_state is not None:  # and its finetuned weights (the DDP re-wrap gives them to all ranks)
+                with torch.no_grad():
+                    for name, tensor in itertools.chain(target.named_parameters(), target.named_buffers()):
+                        tensor.copy_(self._netadapt_state[name])
+                self._netadapt_state = None
             return planned
         ignored = self._ignored_layers(pl_module, target, example)
         if (keep is None and ratio <= 0 and not self.layer_ratios) or keep == {}:
@@ -754,6 +778,33 @@ class StructuredPruning(pl.Callback):
             model.eval()
             return evaluate_map(model, model.postprocess, batches, device=device)["mAP"]
 
+    def _short_finetune(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        """NetAdapt's short-term finetune of a round's winner (a copy of the module): ``netadapt_finetune_batches``
+        training batches through its own ``training_step`` and a fresh optimizer from its ``configure_optimizers``
+        (learning-rate schedulers not stepped), logging silenced."""
+        assert isinstance(model, pl.LightningModule)
+        model.trainer = trainer  # a deep copy of a LightningModule drops its Trainer (its __getstate__)
+        optimizers, _ = _init_optimizers_and_lr_schedulers(model)
+        if trainer.train_dataloader is None:
+            raise MisconfigurationException(
+                "Expected a training dataloader for NetAdapt's short finetune (`netadapt_finetune_batches`)."
+            )
+        precision = getattr(trainer, "precision_plugin", None)
+        with restored(model, keep_grads=True), _silenced(model), torch.enable_grad():
+            model.train()
+            for i, batch in enumerate(trainer.train_dataloader):
+                if i >= self.netadapt_finetune_batches:
+                    break
+                with precision.train_step_context() if precision is not None else nullcontext():
+                    out = model.training_step(trainer.strategy.batch_to_device(batch), i)
+                loss = out["loss"] if isinstance(out, dict) else out
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+        model.zero_grad(set_to_none=True)
+
     def _netadapt(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, example: Any, now: dict
     ) -> list[dict[str, Any]] | None:
@@ -782,9 +833,14 @@ class StructuredPruning(pl.Callback):
             round_to=self.round_to,
             max_layer_ratio=self.max_layer_ratio,
             on_round=report,
+            finetune=(lambda model: self._short_finetune(trainer, model)) if self.netadapt_finetune_batches else None,
         )
         try:
-            return adapt.run(goal)
+            records = adapt.run(goal)
+            if self.netadapt_finetune_batches and adapt.chosen is not None:
+                state = itertools.chain(adapt.chosen.named_parameters(), adapt.chosen.named_buffers())
+                self._netadapt_state = {name: tensor.detach() for name, tensor in state}
+            return records
         except ValueError as err:
             name, given = self._target_argument()
             raise _UnreachableTarget(

@@ -8,11 +8,11 @@ prunable dependency group (as :class:`~lightning_prune.pruning.sensitivity.Sensi
 proposes the *smallest* channel cut of that group alone that meets the round's cost (the cost is linear in one
 group's width: a probe of a single block gives the slope, re-measured by every proposal for the next round), prunes
 a copy that way with the criterion choosing the channels, and scores the copy (``evaluate``, e.g. mAP on a
-validation subset). The proposal that loses the least score per unit of cost saved becomes the model of the next
-round. Rounds stop when the cost meets the goal; a group never drops below ``round_to`` channels or
-``max_layer_ratio`` of its width. The paper's short finetune between rounds is left to the schedule: with an
-iterative :class:`~lightning_prune.callbacks.StructuredPruning` schedule every step is a NetAdapt stage followed by
-training.
+validation subset). Among the proposals that meet the round's cost (else among all), the one that loses the least
+score per unit of cost saved becomes the model of the next round, optionally after a short finetune (``finetune``,
+the paper's short-term finetune, here of the round's winner only). Rounds stop when the cost meets the goal; a group
+never drops below ``round_to`` channels or ``max_layer_ratio`` of its width. The long finetune is the schedule's
+training after the step.
 
 :meth:`NetAdapt.run` returns the pruning records of all rounds, in order (apply them with
 :func:`~lightning_prune.pruning.history.apply_records` to get the chosen model, the same channels included), and
@@ -78,6 +78,9 @@ class NetAdapt:
         round_to: channel counts stay multiples of this.
         max_layer_ratio: no group loses more than this fraction of its channels, in (0, 1].
         on_round: called with each :class:`NetAdaptRound` as it is chosen (progress).
+        finetune: trains the chosen copy in place after each round (NetAdapt's short-term finetune), before the next
+            round's proposals are cut from it and scored; the chosen weights then differ from the model's, so take
+            :attr:`chosen`'s state after applying the records.
 
     Raises:
         ValueError: an argument is out of range or of the wrong type, or the model cannot be traced.
@@ -95,6 +98,7 @@ class NetAdapt:
         round_to: int | None = None,
         max_layer_ratio: float = 0.95,
         on_round: Callable[[NetAdaptRound], None] | None = None,
+        finetune: Callable[[nn.Module], None] | None = None,
     ) -> None:
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step < 1.0:
             raise ValueError(f"Expected argument `netadapt_step` to be a float in (0, 1) but got {step!r}.")
@@ -116,7 +120,7 @@ class NetAdapt:
         #: ``{group name: output channels}`` of the unpruned model, the groups that may shrink
         self.original = dict(found.channels)
         self.max_layer_ratio = float(max_layer_ratio)
-        self.on_round = on_round
+        self.on_round, self.finetune = on_round, finetune
         #: what each round chose, in order
         self.rounds: list[NetAdaptRound] = []
         #: ``evaluate`` on the unpruned model
@@ -141,29 +145,27 @@ class NetAdapt:
         records: list[Record] = []
         while cost > goal:
             aim = max(goal, cost - self.step)
-            best: tuple[float, float, str, nn.Module, list[Record], float] | None = None
-            candidates = 0
+            proposals: list[tuple[str, int, float, float]] = []  # (group, width, cost, score)
             for group in self.original:
                 proposal = self._propose(current, group, cost, aim, original)
-                if proposal is None:
-                    continue
-                trial, trial_records, trial_cost = proposal
-                value = float(self.evaluate(trial))
-                candidates += 1
-                loss = (score - value) / max(cost - trial_cost, 1e-12)  # score lost per unit of cost saved
-                key = (loss, -value)
-                if best is None or key < best[:2]:
-                    best = (loss, -value, group, trial, trial_records, trial_cost)
+                if proposal is not None:
+                    trial, width, trial_cost = proposal
+                    proposals.append((group, width, trial_cost, float(self.evaluate(trial))))
+                    del trial  # one copy at a time: the winner is cut again
+            best = _winner(proposals, cost, aim, score)
             if best is None:
                 raise ValueError(
                     f"Expected argument `goal` ({goal:g} of the original cost) to be reachable but every group is at "
                     f"its floor (`round_to` {self.round_to}, `max_layer_ratio` {self.max_layer_ratio}) at "
                     f"{cost:.3f} after {len(self.rounds)} rounds."
                 )
-            _, negative, group, current, chosen, cost = best
-            score = -negative
+            group, width, cost, score = best
+            current, chosen = self._shrunk(current, group, width)
+            if self.finetune is not None and cost > goal:  # the last round's model is finetuned by the schedule
+                self.finetune(current)
+                score = float(self.evaluate(current))
             records.extend(chosen)
-            round_ = NetAdaptRound(group, layer_widths(current)[group], cost, score, candidates)
+            round_ = NetAdaptRound(group, width, cost, score, len(proposals))
             self.rounds.append(round_)
             if self.on_round is not None:
                 self.on_round(round_)
@@ -172,8 +174,9 @@ class NetAdapt:
 
     def _propose(
         self, current: nn.Module, group: str, cost: float, aim: float, original: float
-    ) -> tuple[nn.Module, list[Record], float] | None:
-        """The copy of ``current`` with ``group`` cut by the fewest channels reaching ``aim`` (or to its floor)."""
+    ) -> tuple[nn.Module, int, float] | None:
+        """The copy of ``current`` with ``group`` cut by the fewest channels reaching ``aim`` (or to its floor), that
+        width and the copy's cost."""
         width = layer_widths(current)[group]
         unit = self.round_to or 1
         floor = max(unit, math.ceil(self.original[group] * (1.0 - self.max_layer_ratio) - 1e-9))
@@ -189,11 +192,11 @@ class NetAdapt:
             return None  # nothing to gain from this group
         cut = math.ceil((cost - aim) / per_channel / unit - 1e-9) * unit
         target = max(floor, width - max(cut, unit))
-        trial, records = probe if probe is not None and target == width - unit else self._shrunk(current, group, target)
+        trial = probe[0] if probe is not None and target == width - unit else self._shrunk(current, group, target)[0]
         trial_cost = self._cost(trial) / original
         # the slope as measured now, for the next round (exact while the groups it reads keep their widths)
         self._slopes[group] = (cost - trial_cost) / (width - target)
-        return trial, records, trial_cost
+        return trial, target, trial_cost
 
     def _shrunk(self, current: nn.Module, group: str, width: int) -> tuple[nn.Module, list[Record]]:
         """A copy of ``current`` with ``group`` pruned to ``width`` channels by the criterion; the records."""
@@ -247,6 +250,20 @@ def layer_macs(model: nn.Module, example_input: Any) -> float:
         for handle in handles:
             handle.remove()
     return float(total)
+
+
+def _winner(
+    proposals: list[tuple[str, int, float, float]], cost: float, aim: float, score: float
+) -> tuple[str, int, float, float] | None:
+    """The proposal ``(group, width, cost, score)`` losing the least score per cost saved among those that meet
+    ``aim``; if none does (no single group can save a round's cost), among those saving at least half of the largest
+    saving, so that a free cut saving almost nothing does not win (rounds would then save next to nothing)."""
+    if not proposals:
+        return None
+    lowest = min(p[2] for p in proposals)
+    threshold = aim if lowest <= aim + 1e-9 else cost - 0.5 * (cost - lowest)
+    qualified = [p for p in proposals if p[2] <= threshold + 1e-9]
+    return min(qualified, key=lambda p: ((score - p[3]) / max(cost - p[2], 1e-12), -p[3]))
 
 
 def _resolve_cost(cost: str | Cost) -> Cost:

@@ -119,3 +119,34 @@ def test_netadapt_without_validation_data_is_refused(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"Expected validation data to score NetAdapt's proposals"):
         trainer.fit(model, make_loader())
     assert len(pruning_history(model)) == 0
+
+
+def test_a_short_finetune_between_rounds_gives_the_module_the_finetuned_winner(tmp_path):
+    def run(finetune_batches: int) -> nn.Module:
+        pl.seed_everything(0)
+        model = FAMILIES["yolov3"]()
+        MadeUpScore.widths = layer_widths(model)
+        callback = MadeUpScore(
+            allocation="netadapt",
+            target_macs_ratio=0.6,
+            netadapt_step=0.25,
+            netadapt_batches=1,
+            netadapt_finetune_batches=finetune_batches,
+        )
+        trainer = make_trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+        trainer.fit(model, make_loader(), make_loader(2))
+        return model
+
+    plain, tuned = run(0), run(2)
+    assert layer_widths(plain) == layer_widths(tuned)  # the made-up score sees widths only: the same rounds
+    differ = [
+        n for (n, a), (_, b) in zip(plain.state_dict().items(), tuned.state_dict().items()) if not torch.equal(a, b)
+    ]
+    assert differ  # the winner of round 1 trained two batches before round 2
+
+
+def test_short_finetune_argument_errors():
+    with pytest.raises(ValueError, match=r"`netadapt_finetune_batches` to be an int >= 0 but got -1."):
+        StructuredPruning(netadapt_finetune_batches=-1)
+    with pytest.raises(ValueError, match=r"Expected argument `submodule` to be None with `netadapt_finetune_batches`"):
+        StructuredPruning(netadapt_finetune_batches=2, submodule="backbone")
