@@ -47,6 +47,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import RESULTS, write_section
 from _timing import run_command
+from compare import fit
 from pruning_speed import fake_trainer
 
 from lightning_prune.callbacks import StructuredPruning
@@ -93,19 +94,7 @@ def finetune(model: pl.LightningModule, data: Any, epochs: int, seed: int, root:
     pl.seed_everything(seed)
     if hasattr(model, "warmup_epochs"):
         model.warmup_epochs = 0  # the baseline warmed up already
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        limit_train_batches=batches,
-        default_root_dir=root,
-    )
-    trainer.fit(model, data)
+    fit(model, data, epochs, [], {"limit_train_batches": batches, "default_root_dir": root})
 
 
 def train_baseline(recipe: str, epochs: int, out: Path, extra: list[str]) -> Path:

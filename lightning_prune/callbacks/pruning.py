@@ -584,19 +584,27 @@ class StructuredPruning(pl.Callback):
                 return before[self.metric] / original
             return self._dry_run(target, example, ratio, ignored, history)[self.metric] / original
 
-        start = achieved(0.0)
+        reach = f"pruning every layer up to `max_layer_ratio` ({self.max_layer_ratio})"
+        found = self._search(achieved, achieved(0.0), min(self.max_layer_ratio, 0.99), goal, reach, "`max_layer_ratio`")
+        return 0.0 if found is None else found
+
+    def _search(
+        self, achieved: Callable[[float], float], start: float, end: float, goal: float, reach: str, raise_: str
+    ) -> float | None:
+        """The point of ``[0, end]`` whose dry run (``achieved``, decreasing) meets ``goal`` (a bracketed search);
+        None if ``start`` (the model as it is) already does. Unreachable at ``end`` (what ``reach`` describes): the
+        error, with the hint to raise ``raise_``."""
         if start <= goal * (1.0 + self.tolerance):
-            return 0.0  # already small enough
-        lo, hi = 0.0, min(self.max_layer_ratio, 0.99)
-        reachable = achieved(hi)
+            return None  # already small enough
+        reachable = achieved(end)
         if reachable > goal * (1.0 + self.tolerance):
             name, given = self._target_argument()
             raise _UnreachableTarget(
-                f"Expected argument `{name}` ({given}) to be reachable but step {self.steps_done + 1} "
-                f"needs {goal:.3f} of the original {self.metric} and pruning every layer up to `max_layer_ratio` "
-                f"({self.max_layer_ratio}) leaves {reachable:.3f}. HINT: raise `max_layer_ratio` or `{name}`."
+                f"Expected argument `{name}` ({given}) to be reachable but step {self.steps_done + 1} needs "
+                f"{goal:.3f} of the original {self.metric} and {reach} leaves {reachable:.3f}. HINT: raise {raise_} "
+                f"or `{name}`."
             )
-        return bracket_search(achieved, goal, lo, hi, (start, reachable), self.tolerance, self.search_iterations)[0]
+        return bracket_search(achieved, goal, 0.0, end, (start, reachable), self.tolerance, self.search_iterations)[0]
 
     def _dry_run(
         self,
@@ -749,24 +757,13 @@ class StructuredPruning(pl.Callback):
                 return before[self.metric] / original
             return self._dry_run(target, example, 0.0, ignored, history, keep=widths)[self.metric] / original
 
-        start = before[self.metric] / original
-        if start <= goal * (1.0 + self.tolerance):
-            return {}  # already small enough
-        end = float(len(allocation))
-        reachable = achieved(end)
-        if reachable > goal * (1.0 + self.tolerance):
-            name, given = self._target_argument()
-            raise _UnreachableTarget(
-                f"Expected argument `{name}` ({given}) to be reachable but step {self.steps_done + 1} "
-                f"needs {goal:.3f} of the original {self.metric} and every group of the sensitivity table pruned to "
-                f"its largest ratio tried ({max(self.sensitivity.ratios):g}, within `max_layer_ratio` "
-                f"{self.max_layer_ratio}) leaves {reachable:.3f}. HINT: analyse larger ratios (`--ratios ... 0.9`) "
-                f"or more groups, or raise `{name}`."
-            )
-        position, _ = bracket_search(
-            achieved, goal, 0.0, end, (start, reachable), self.tolerance, self.search_iterations
+        reach = (
+            f"every group of the sensitivity table pruned to its largest ratio tried "
+            f"({max(self.sensitivity.ratios):g}, within `max_layer_ratio` {self.max_layer_ratio})"
         )
-        return keep(position)
+        hint = "the table's ratios (analyse up to `--ratios ... 0.9`, or more groups)"
+        position = self._search(achieved, before[self.metric] / original, float(len(allocation)), goal, reach, hint)
+        return {} if position is None else keep(position)
 
     def netadapt_score(self, model: nn.Module, batches: list[Any]) -> float:
         """The score NetAdapt compares its proposals by (higher is better): COCO mAP50-95 of ``model`` (a pruned
@@ -1087,6 +1084,13 @@ def _resolve_target(pruning_ratio: float | None, targets: dict[str, float | None
 _ALLOCATIONS = ("importance", "latency", "sensitivity", "netadapt")
 
 
+def _given_target(metric: str | None, pruning_ratio: Any) -> str:
+    """What the user gave instead of the target an allocation needs, for its error message."""
+    if metric is not None:
+        return "`target_latency_ms`" if metric == "latency_ms" else f"`target_{metric}_ratio`"
+    return "neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`"
+
+
 def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any, layer_ratios: Any) -> str:
     """``allocation``, checked against the target it needs (a latency target needs the latency allocation)."""
     if allocation not in _ALLOCATIONS:
@@ -1098,11 +1102,7 @@ def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any,
             "keep `target_latency_ms` with another allocation (its ratio is searched on measured latencies)."
         )
     if allocation == "latency" and metric not in ("macs", "latency"):
-        given = (
-            "`target_params_ratio`"
-            if metric == "params"
-            else ("neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`")
-        )
+        given = _given_target(metric, pruning_ratio)
         raise ValueError(
             f"Expected `target_macs_ratio` or `target_latency_ratio` with allocation='latency' but got {given}. "
             "HINT: the latency allocation removes channels until a MACs or latency budget is met, e.g. "
@@ -1114,17 +1114,13 @@ def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any,
             "HINT: latency is estimated by the latency allocation's table; pass `allocation='latency'`."
         )
     if allocation == "netadapt" and metric not in ("macs", "params"):
-        given = (
-            "`target_latency_ms`"
-            if metric == "latency_ms"
-            else ("neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`")
-        )
+        given = _given_target(metric, pruning_ratio)
         raise ValueError(
             f"Expected `target_macs_ratio` or `target_params_ratio` with allocation='netadapt' but got {given}. "
             "HINT: NetAdapt shrinks the model round by round until a MACs or params budget is met."
         )
     if allocation == "sensitivity" and metric not in ("macs", "params", "latency_ms"):
-        given = "neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`"
+        given = _given_target(metric, pruning_ratio)
         raise ValueError(
             f"Expected `target_macs_ratio`, `target_params_ratio` or `target_latency_ms` with "
             f"allocation='sensitivity' but got {given}. HINT: the sensitivity allocation spends a budget, e.g. "

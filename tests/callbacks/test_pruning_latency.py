@@ -151,7 +151,8 @@ def test_fit_with_a_measured_table_prunes_and_training_continues(tmp_path):
     [
         (
             {"allocation": "fast"},
-            r"Expected argument `allocation` to be one of \['importance', 'latency', 'sensitivity'\] but got",
+            r"Expected argument `allocation` to be one of \['importance', 'latency', 'sensitivity', 'netadapt'\] "
+            r"but got",
         ),
         (
             {"allocation": "latency"},

@@ -100,7 +100,7 @@ def test_search_leaves_the_real_model_untouched(monkeypatch, allocation):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     seen: dict[str, Any] = {}
 
-    def snapshot(self, trainer, pl_module, target, example, ratio, fold, keep=None):  # the real pruning, after search
+    def snapshot(self, trainer, pl_module, target, example, ratio, fold, keep=None, planned=None):  # after the search
         seen["ratio"], seen["keep"] = ratio, keep
         seen["state"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
         seen["modes"] = {n: m.training for n, m in pl_module.named_modules()}
