@@ -814,7 +814,9 @@ class StructuredPruning(pl.Callback):
 
         def report(round_: NetAdaptRound) -> None:
             rank_zero_info(
-                f"StructuredPruning NetAdapt round {len(adapt.rounds)}: `{round_.group}` → {round_.width} channels, "
+                f"StructuredPruning NetAdapt round {len(adapt.rounds)}: "
+                + ", ".join(f"`{g}` → {w}" for g, w in round_.widths.items())
+                + ", "
                 f"{self.metric} {round_.cost:.3f} of the step's start, score {round_.score:.4f} "
                 f"({round_.candidates} proposals)"
             )

@@ -5,14 +5,15 @@ https://arxiv.org/abs/1804.03230
 
 Each round asks for a fixed reduction of the cost (``step`` of the original model's MACs or parameters). For every
 prunable dependency group (as :class:`~lightning_prune.pruning.sensitivity.SensitivityAnalysis` finds them) it
-proposes the *smallest* channel cut of that group alone that meets the round's cost (the cost is linear in one
-group's width: a probe of a single block gives the slope, re-measured by every proposal for the next round), prunes
-a copy that way with the criterion choosing the channels, and scores the copy (``evaluate``, e.g. mAP on a
-validation subset). Among the proposals that meet the round's cost (else among all), the one that loses the least
-score per unit of cost saved becomes the model of the next round, optionally after a short finetune (``finetune``,
-the paper's short-term finetune, here of the round's winner only). Rounds stop when the cost meets the goal; a group
-never drops below ``round_to`` channels or ``max_layer_ratio`` of its width. The long finetune is the schedule's
-training after the step.
+proposes the smallest channel cut of that group alone that meets the round's cost, but never more than a quarter of
+the group's channels (the cost is linear in one group's width: a probe of a single block gives the slope,
+re-measured by every proposal for the next round), prunes a copy that way with the criterion choosing the channels,
+and scores the copy (``evaluate``, e.g. mAP on a validation subset). The proposals that lose the least score per unit
+of cost saved are then taken, cheapest first, until their savings reach the round's cost: the model of the next
+round, optionally after a short finetune (``finetune``, the paper's short-term finetune). One drastic cut per round
+(the paper's rule when a single layer can meet the round's cost) wrecks a detector; several mild ones keep it.
+Rounds stop when the cost meets the goal; a group never drops below ``round_to`` channels or ``max_layer_ratio`` of
+its width. The long finetune is the schedule's training after the step.
 
 :meth:`NetAdapt.run` returns the pruning records of all rounds, in order (apply them with
 :func:`~lightning_prune.pruning.history.apply_records` to get the chosen model, the same channels included), and
@@ -26,8 +27,8 @@ Example:
     ...     return 1.0 - 0.5 * (1 - model[0].out_channels / 16) - 0.05 * (1 - model[2].out_channels / 16)
     >>> adapt = NetAdapt(net, torch.zeros(1, 3, 16, 16), evaluate, step=0.2, round_to=4)
     >>> records = adapt.run(goal=0.6)
-    >>> [(r.group, r.width) for r in adapt.rounds]  # layer 2 goes first, every round
-    [('2', 8), ('2', 4)]
+    >>> [r.widths for r in adapt.rounds]  # layer 2 first (cheapest), a quarter of a group at most per round
+    [{'2': 12, '0': 12}, {'2': 8}]
     >>> adapt.rounds[-1].cost <= 0.6
     True
 """
@@ -53,11 +54,10 @@ Cost = Callable[[nn.Module, Any], float]
 
 @dataclass(frozen=True)
 class NetAdaptRound:
-    """One round: ``group`` shrunk to ``width`` channels; ``cost`` and ``score`` of the model after it (cost as a
-    fraction of the original model's), ``candidates`` proposals scored."""
+    """One round: ``widths`` ``{group: channels}`` of the groups it shrank, in the order taken; ``cost`` and ``score``
+    of the model after it (cost as a fraction of the original model's), ``candidates`` proposals scored."""
 
-    group: str
-    width: int
+    widths: dict[str, int]
     cost: float
     score: float
     candidates: int
@@ -121,6 +121,8 @@ class NetAdapt:
         self.original = dict(found.channels)
         self.max_layer_ratio = float(max_layer_ratio)
         self.on_round, self.finetune = on_round, finetune
+        #: a proposal removes at most this fraction of its group's current channels
+        self.max_cut = 0.25
         #: what each round chose, in order
         self.rounds: list[NetAdaptRound] = []
         #: ``evaluate`` on the unpruned model
@@ -152,20 +154,24 @@ class NetAdapt:
                     trial, width, trial_cost = proposal
                     proposals.append((group, width, trial_cost, float(self.evaluate(trial))))
                     del trial  # one copy at a time: the winner is cut again
-            best = _winner(proposals, cost, aim, score)
-            if best is None:
+            taken = _cheapest(proposals, cost, aim, score)
+            if not taken:
                 raise ValueError(
                     f"Expected argument `goal` ({goal:g} of the original cost) to be reachable but every group is at "
                     f"its floor (`round_to` {self.round_to}, `max_layer_ratio` {self.max_layer_ratio}) at "
                     f"{cost:.3f} after {len(self.rounds)} rounds."
                 )
-            group, width, cost, score = best
-            current, chosen = self._shrunk(current, group, width)
+            for group, width in taken.items():  # the winners' cuts together (each was measured alone)
+                current, chosen = self._shrunk(current, group, width)
+                records.extend(chosen)
+            cost = self._cost(current) / original
             if self.finetune is not None and cost > goal:  # the last round's model is finetuned by the schedule
                 self.finetune(current)
+            if len(taken) > 1 or self.finetune is not None:
                 score = float(self.evaluate(current))
-            records.extend(chosen)
-            round_ = NetAdaptRound(group, width, cost, score, len(proposals))
+            else:  # one proposal taken: its score was measured on this very model
+                score = next(p[3] for p in proposals if (p[0], p[1]) == next(iter(taken.items())))
+            round_ = NetAdaptRound(taken, cost, score, len(proposals))
             self.rounds.append(round_)
             if self.on_round is not None:
                 self.on_round(round_)
@@ -191,7 +197,8 @@ class NetAdapt:
         if per_channel <= 0:
             return None  # nothing to gain from this group
         cut = math.ceil((cost - aim) / per_channel / unit - 1e-9) * unit
-        target = max(floor, width - max(cut, unit))
+        mild = max(unit, int(width * self.max_cut) // unit * unit)  # several mild cuts make a round, not one drastic
+        target = max(floor, width - max(min(cut, mild), unit))
         trial = probe[0] if probe is not None and target == width - unit else self._shrunk(current, group, target)[0]
         trial_cost = self._cost(trial) / original
         # the slope as measured now, for the next round (exact while the groups it reads keep their widths)
@@ -252,18 +259,18 @@ def layer_macs(model: nn.Module, example_input: Any) -> float:
     return float(total)
 
 
-def _winner(
-    proposals: list[tuple[str, int, float, float]], cost: float, aim: float, score: float
-) -> tuple[str, int, float, float] | None:
-    """The proposal ``(group, width, cost, score)`` losing the least score per cost saved among those that meet
-    ``aim``; if none does (no single group can save a round's cost), among those saving at least half of the largest
-    saving, so that a free cut saving almost nothing does not win (rounds would then save next to nothing)."""
-    if not proposals:
-        return None
-    lowest = min(p[2] for p in proposals)
-    threshold = aim if lowest <= aim + 1e-9 else cost - 0.5 * (cost - lowest)
-    qualified = [p for p in proposals if p[2] <= threshold + 1e-9]
-    return min(qualified, key=lambda p: ((score - p[3]) / max(cost - p[2], 1e-12), -p[3]))
+def _cheapest(proposals: list[tuple[str, int, float, float]], cost: float, aim: float, score: float) -> dict[str, int]:
+    """``{group: width}`` of the proposals ``(group, width, cost, score)`` losing the least score per cost saved,
+    taken in that order until their savings (as measured alone) reach the round's ``aim``."""
+    ranked = sorted(proposals, key=lambda p: ((score - p[3]) / max(cost - p[2], 1e-12), -p[3]))
+    taken: dict[str, int] = {}
+    saved = 0.0
+    for group, width, trial_cost, _ in ranked:
+        if saved >= cost - aim - 1e-9:
+            break
+        taken[group] = width
+        saved += cost - trial_cost
+    return taken
 
 
 def _resolve_cost(cost: str | Cost) -> Cost:
