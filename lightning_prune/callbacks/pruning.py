@@ -269,7 +269,6 @@ class StructuredPruning(pl.Callback):
         #: with ``target_latency_ms``, ``(models, input) -> ms of each``: BatchNorm-fused eager forwards timed
         #: interleaved (median of ``latency_repeats``) on the input's device; any such callable may replace it
         self.latency_probe: Callable[[list[nn.Module], Any], list[float]] = _default_probe
-        self._step_ms: float | None = None  # the measured latency at the current step's start (rank 0)
         reduction = 1.0 - self.target_ratio if self.target_ratio is not None else pruning_ratio
         if self.metric == "latency_ms":
             reduction = 0.5  # unknown until the original latency is measured; the step's goal comes from `_goal`
@@ -420,15 +419,13 @@ class StructuredPruning(pl.Callback):
         reference = None  # latency_ms: the model before the step, timed against the pruned one (rank 0)
         if self.metric == "latency_ms" and trainer.is_global_zero:
             before = {**before, "latency_ms": self._measure(target, example)}
-            self._step_ms = before["latency_ms"]
             reference = copy.deepcopy(target)
         blocks = self._drop_blocks(trainer, pl_module, target, example) if self.steps_done == 0 else []
         current = before  # the model's stats now, what the search starts from
         if blocks:
             current = model_stats(target, example)
             if reference is not None:
-                self._step_ms = self._relative_latency(reference, target, example) * before["latency_ms"]
-                current = {**current, "latency_ms": self._step_ms}
+                current = {**current, "latency_ms": self._paired_ms(reference, target, example)[1]}
         if self.metric is not None and self._original is None:
             if len(history):
                 raise MisconfigurationException(
@@ -486,8 +483,7 @@ class StructuredPruning(pl.Callback):
         self.steps_done += 1
         after = self._stats = model_stats(target, example)
         if reference is not None:  # the achieved latency, measured side by side with the model before the step
-            ratio = self._relative_latency(reference, target, example)
-            self._latency = (before["latency_ms"], ratio * before["latency_ms"])
+            self._latency = self._paired_ms(reference, target, example)
             after = {**after, "latency_ms": self._latency[1]}
         self._log(trainer, before, after, widths, layer_widths(target))
 
@@ -620,9 +616,8 @@ class StructuredPruning(pl.Callback):
         with restored(trial, keep_grads=True):
             self._prune(trial, example, ratio, ignored, history, keep=keep)
         stats = model_stats(trial, example)
-        if self.metric == "latency_ms":  # measured side by side with `target`, scaled by its latency at step start
-            assert self._step_ms is not None
-            stats["latency_ms"] = self._relative_latency(target, trial, example) * self._step_ms
+        if self.metric == "latency_ms":  # timed side by side with `target` (drifts of the machine hit both)
+            stats["latency_ms"] = self._paired_ms(target, trial, example)[1]
         return stats
 
     def _residual_blocks(self, pl_module: pl.LightningModule, target: nn.Module, example: Any) -> list[str]:
@@ -677,10 +672,10 @@ class StructuredPruning(pl.Callback):
         """Milliseconds of ``model``'s forward (``latency_probe``) at ``latency_batch_size``."""
         return self.latency_probe([model], self._timing_input(example))[0]
 
-    def _relative_latency(self, reference: nn.Module, model: nn.Module, example: Any) -> float:
-        """``model``'s latency over ``reference``'s, timed side by side."""
+    def _paired_ms(self, reference: nn.Module, model: nn.Module, example: Any) -> tuple[float, float]:
+        """Milliseconds of ``reference`` and ``model``, timed side by side (interleaved)."""
         ref, new = self.latency_probe([reference, model], self._timing_input(example))
-        return new / max(ref, 1e-9)
+        return ref, new
 
     def _allocate(
         self, pl_module: pl.LightningModule, target: nn.Module, example: Any, before: dict[str, float]
@@ -835,7 +830,7 @@ class StructuredPruning(pl.Callback):
             finetune=(lambda model: self._short_finetune(trainer, model)) if self.netadapt_finetune_batches else None,
         )
         try:
-            records = adapt.run(goal)
+            records = adapt.run(goal, tolerance=self.tolerance / 3)
             if self.netadapt_finetune_batches and adapt.chosen is not None:
                 state = itertools.chain(adapt.chosen.named_parameters(), adapt.chosen.named_buffers())
                 self._netadapt_state = {name: tensor.detach() for name, tensor in state}

@@ -131,8 +131,9 @@ class NetAdapt:
         self.chosen: nn.Module | None = None
         self._slopes: dict[str, float] = {}  # cost fraction saved per channel of a group, last measured
 
-    def run(self, goal: float) -> list[Record]:
-        """Rounds until the cost is at most ``goal`` (a fraction of the model's cost); all rounds' records.
+    def run(self, goal: float, tolerance: float = 0.0) -> list[Record]:
+        """Rounds until the cost is at most ``goal · (1 + tolerance)`` (``goal``: a fraction of the model's cost; the
+        last round aims at ``goal`` itself); all rounds' records.
 
         Raises:
             ValueError: ``goal`` is not in (0, 1), or every group is at its floor before the goal is met (the error
@@ -145,7 +146,7 @@ class NetAdapt:
         cost = self._cost(current) / original
         score = self.baseline = float(self.evaluate(_copy(current)))
         records: list[Record] = []
-        while cost > goal:
+        while cost > goal * (1.0 + tolerance):
             aim = max(goal, cost - self.step)
             proposals: list[tuple[str, int, float, float]] = []  # (group, width, cost, score)
             for group in self.original:
