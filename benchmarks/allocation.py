@@ -230,7 +230,8 @@ def report(args: Any, base_map: float, base: dict, rows: dict[str, dict[str, Any
         f"baseline `{args.baseline}` ({base['params'] / 1e6:.3f}M params, {base['macs'] / 1e9:.3f} GMACs, "
         f"mAP50-95 {100 * base_map:.2f}); one-shot StructuredPruning to {args.target_macs:g} of its MACs (l2, "
         f"round_to={args.round_to}); finetune {args.finetune_epochs} epochs without distillation; seeds {seeds}. "
-        "mAP50-95 over the whole validation split.",
+        f"mAP50-95 over the whole validation split. Sensitivity table: `{args.sensitivity}` (its groups, ratios "
+        "and trials: `lightning-prune sensitivity` on the baseline).",
         "",
         "| method | params | MACs (of baseline) | prune (s) | mAP50-95 after pruning | after finetune |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -244,6 +245,17 @@ def report(args: Any, base_map: float, base: dict, rows: dict[str, dict[str, Any
             f"| {method} | {s['params'] / 1e6:.3f}M | {s['macs'] / 1e9:.3f}G ({s['macs'] / base['macs']:.3f}) | "
             f"{row['seconds']:.1f} | {_mean_std(row['before'])} | {_mean_std(row['after'])} |"
         )
+    off = [
+        m
+        for m, r in rows.items()
+        if "stats" in r and abs(r["stats"]["macs"] / base["macs"] / args.target_macs - 1) > 0.03
+    ]
+    if off:
+        lines += [
+            "",
+            f"Off the ±3% MACs tolerance (the search's closest dry run; `round_to` moves widths in whole blocks): "
+            f"{', '.join(off)}.",
+        ]
     allocated = [m for m in ("sensitivity", "netadapt") if "before" in rows.get(m, {})]
     if "before" in rows.get("uniform", {}) and allocated:
         u = rows["uniform"]
