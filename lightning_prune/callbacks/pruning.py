@@ -1081,10 +1081,30 @@ def _resolve_target(pruning_ratio: float | None, targets: dict[str, float | None
 _ALLOCATIONS = ("importance", "latency", "sensitivity", "netadapt")
 
 
+_TARGET_ARGUMENTS = {
+    "macs": "`target_macs_ratio`",
+    "params": "`target_params_ratio`",
+    "latency": "`target_latency_ratio`",
+    "latency_ms": "`target_latency_ms`",
+}
+#: the targets each allocation can spend, and the hint when it gets another
+_ALLOCATION_TARGETS = {
+    "latency": (
+        ("macs", "latency"),
+        "the latency allocation removes channels until a MACs or latency budget is met, e.g. `target_macs_ratio=0.5`.",
+    ),
+    "netadapt": (("macs", "params"), "NetAdapt shrinks the model round by round until a MACs or params budget is met."),
+    "sensitivity": (
+        ("macs", "params", "latency_ms"),
+        "the sensitivity allocation spends a budget, e.g. `target_macs_ratio=0.5`.",
+    ),
+}
+
+
 def _given_target(metric: str | None, pruning_ratio: Any) -> str:
     """What the user gave instead of the target an allocation needs, for its error message."""
     if metric is not None:
-        return "`target_latency_ms`" if metric == "latency_ms" else f"`target_{metric}_ratio`"
+        return _TARGET_ARGUMENTS[metric]
     return "neither" if pruning_ratio is None else f"`pruning_ratio={pruning_ratio!r}`"
 
 
@@ -1098,30 +1118,18 @@ def _resolve_allocation(allocation: Any, metric: str | None, pruning_ratio: Any,
             "'latency'. HINT: the latency allocation aims at its table's estimate: give `target_latency_ratio`, or "
             "keep `target_latency_ms` with another allocation (its ratio is searched on measured latencies)."
         )
-    if allocation == "latency" and metric not in ("macs", "latency"):
-        given = _given_target(metric, pruning_ratio)
+    needs = _ALLOCATION_TARGETS.get(str(allocation))
+    if needs is not None and metric not in needs[0]:
+        names = [_TARGET_ARGUMENTS[m] for m in needs[0]]
+        wanted = " or ".join([", ".join(names[:-1]), names[-1]])
         raise ValueError(
-            f"Expected `target_macs_ratio` or `target_latency_ratio` with allocation='latency' but got {given}. "
-            "HINT: the latency allocation removes channels until a MACs or latency budget is met, e.g. "
-            "`target_macs_ratio=0.5`."
+            f"Expected {wanted} with allocation={allocation!r} but got {_given_target(metric, pruning_ratio)}. "
+            f"HINT: {needs[1]}"
         )
     if metric == "latency" and allocation != "latency":
         raise ValueError(
             f"Expected argument `allocation` to be 'latency' with `target_latency_ratio` but got {allocation!r}. "
             "HINT: latency is estimated by the latency allocation's table; pass `allocation='latency'`."
-        )
-    if allocation == "netadapt" and metric not in ("macs", "params"):
-        given = _given_target(metric, pruning_ratio)
-        raise ValueError(
-            f"Expected `target_macs_ratio` or `target_params_ratio` with allocation='netadapt' but got {given}. "
-            "HINT: NetAdapt shrinks the model round by round until a MACs or params budget is met."
-        )
-    if allocation == "sensitivity" and metric not in ("macs", "params", "latency_ms"):
-        given = _given_target(metric, pruning_ratio)
-        raise ValueError(
-            f"Expected `target_macs_ratio`, `target_params_ratio` or `target_latency_ms` with "
-            f"allocation='sensitivity' but got {given}. HINT: the sensitivity allocation spends a budget, e.g. "
-            "`target_macs_ratio=0.5`."
         )
     if allocation != "importance" and layer_ratios:
         raise ValueError(

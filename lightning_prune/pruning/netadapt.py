@@ -46,6 +46,7 @@ from torch_pruning.pruner.importance import Importance
 
 from lightning_prune.pruning.channels import layer_widths, prune_channels
 from lightning_prune.pruning.history import Record
+from lightning_prune.pruning.latency import width_ratios
 from lightning_prune.pruning.sensitivity import SensitivityAnalysis, _copy
 from lightning_prune.pruning.tracing import restored
 
@@ -162,7 +163,7 @@ class NetAdapt:
                     f"its floor (`round_to` {self.round_to}, `max_layer_ratio` {self.max_layer_ratio}) at "
                     f"{cost:.3f} after {len(self.rounds)} rounds."
                 )
-            for group, width in taken.items():  # the winners' cuts together (each was measured alone)
+            for group, width, _, _ in taken:  # the winners' cuts together (each was measured alone)
                 current, chosen = self._shrunk(current, group, width)
                 records.extend(chosen)
             cost = self._cost(current) / original
@@ -171,8 +172,8 @@ class NetAdapt:
             if len(taken) > 1 or self.finetune is not None:
                 score = float(self.evaluate(current))
             else:  # one proposal taken: its score was measured on this very model
-                score = next(p[3] for p in proposals if (p[0], p[1]) == next(iter(taken.items())))
-            round_ = NetAdaptRound(taken, cost, score, len(proposals))
+                score = taken[0][3]
+            round_ = NetAdaptRound({group: width for group, width, _, _ in taken}, cost, score, len(proposals))
             self.rounds.append(round_)
             if self.on_round is not None:
                 self.on_round(round_)
@@ -209,8 +210,6 @@ class NetAdapt:
     def _shrunk(self, current: nn.Module, group: str, width: int) -> tuple[nn.Module, list[Record]]:
         """A copy of ``current`` with ``group`` pruned to ``width`` channels by the criterion; the records."""
         trial = _copy(current)
-        module = trial.get_submodule(group)
-        now = layer_widths(module)[""]
         with restored(trial):
             records = prune_channels(
                 trial,
@@ -218,7 +217,7 @@ class NetAdapt:
                 self.importance,
                 0.0,
                 ignored_layers=[trial.get_submodule(n) for n in self.ignored_layers],
-                layer_ratios={module: 1.0 - (width + 0.5) / now},  # torch-pruning keeps int(now · (1 - r)) = width
+                layer_ratios=width_ratios(trial, {group: width}),
                 global_pruning=False,
                 max_layer_ratio=1.0,
             )
@@ -260,17 +259,19 @@ def layer_macs(model: nn.Module, example_input: Any) -> float:
     return float(total)
 
 
-def _cheapest(proposals: list[tuple[str, int, float, float]], cost: float, aim: float, score: float) -> dict[str, int]:
-    """``{group: width}`` of the proposals ``(group, width, cost, score)`` losing the least score per cost saved,
-    taken in that order until their savings (as measured alone) reach the round's ``aim``."""
+def _cheapest(
+    proposals: list[tuple[str, int, float, float]], cost: float, aim: float, score: float
+) -> list[tuple[str, int, float, float]]:
+    """The proposals ``(group, width, cost, score)`` losing the least score per cost saved, taken in that order until
+    their savings (as measured alone) reach the round's ``aim``."""
     ranked = sorted(proposals, key=lambda p: ((score - p[3]) / max(cost - p[2], 1e-12), -p[3]))
-    taken: dict[str, int] = {}
+    taken: list[tuple[str, int, float, float]] = []
     saved = 0.0
-    for group, width, trial_cost, _ in ranked:
+    for proposal in ranked:
         if saved >= cost - aim - 1e-9:
             break
-        taken[group] = width
-        saved += cost - trial_cost
+        taken.append(proposal)
+        saved += cost - proposal[2]
     return taken
 
 
