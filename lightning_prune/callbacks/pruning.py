@@ -462,11 +462,8 @@ class StructuredPruning(pl.Callback):
                 records = self._decide_and_prune(trainer, pl_module, target, example, ratio, fold, keep, planned)
             if trainer.world_size > 1:
                 records, error = trainer.strategy.broadcast((records, error), src=0)
-                if not trainer.is_global_zero and error is None:
-                    for record in records:  # in rank 0's order, folding as it did (the DDP re-wrap syncs anyway)
-                        if fold is not None:
-                            fold_removed_inputs(target, [record], fold)
-                        apply_records(target, [record], step=self.steps_done)
+                if not trainer.is_global_zero and error is None:  # rank 0's records (the DDP re-wrap syncs anyway)
+                    self._apply(target, records, fold)
             if error is not None:
                 raise MisconfigurationException(error)
         history.append(blocks + (records or []))
@@ -506,10 +503,7 @@ class StructuredPruning(pl.Callback):
         planned: list[dict[str, Any]] | None = None,
     ) -> list[dict[str, Any]]:
         if planned is not None:  # NetAdapt's rounds, chosen on copies: the same records, the same channels
-            for record in planned:
-                if fold is not None:
-                    fold_removed_inputs(target, [record], fold)
-                apply_records(target, [record], step=self.steps_done)
+            self._apply(target, planned, fold)
             if self._netadapt_state is not None:  # and its finetuned weights (the DDP re-wrap gives them to all ranks)
                 with torch.no_grad():
                     for name, tensor in itertools.chain(target.named_parameters(), target.named_buffers()):
@@ -521,6 +515,13 @@ class StructuredPruning(pl.Callback):
             return []
         with restored(target, keep_grads=True):
             return self._prune(target, example, ratio, ignored, pruning_history(pl_module), fold, keep)
+
+    def _apply(self, target: nn.Module, records: list[dict[str, Any]], fold: InputMeans | None) -> None:
+        """Replay records decided elsewhere on ``target``, in their order, folding as ``_prune`` does."""
+        for record in records:
+            if fold is not None:
+                fold_removed_inputs(target, [record], fold)
+            apply_records(target, [record], step=self.steps_done)
 
     def _prune(
         self,
