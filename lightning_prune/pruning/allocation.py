@@ -43,7 +43,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_prune.pruning.channels import layer_widths
+from lightning_prune.pruning.channels import layer_widths, min_width
 from lightning_prune.pruning.sensitivity import SensitivityResult
 
 Segment = tuple[float, str, int, int]  # (mAP points per MAC fraction saved, group, channels before, after)
@@ -105,7 +105,7 @@ class SensitivityAllocation:
     def _rounded(self, group: str, channels: float) -> int:
         original = self.original[group]
         step = self.round_to or 1
-        floor = max(step, math.ceil(original * (1.0 - self.max_layer_ratio) - 1e-9))
+        floor = min_width(original, self.max_layer_ratio, self.round_to)
         kept = max(math.ceil(channels / step - 1e-9) * step, floor)
         return int(min(kept, original))
 

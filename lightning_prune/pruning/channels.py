@@ -174,8 +174,20 @@ def _round_kept_up(n_pruned: int, current: int, round_to: int) -> int:
     return max(current - min(current, math.ceil(kept / round_to) * round_to), 0)
 
 
+def min_width(original: int, max_ratio: float, round_to: int | None = None) -> int:
+    """The fewest channels a layer of ``original`` channels keeps: it loses at most ``max_ratio`` of them, keeps at
+    least one, and (with ``round_to``) a multiple of ``round_to``, never more than ``original``.
+
+    >>> min_width(200, 0.95), min_width(200, 0.95, round_to=8), min_width(4, 0.95, round_to=8)
+    (10, 16, 4)
+    """
+    unit = round_to or 1
+    kept = max(1, math.ceil(original * (1.0 - max_ratio) - 1e-9))
+    return min(original, math.ceil(kept / unit) * unit)
+
+
 def _keep(original: int, current: int, max_ratio: float) -> int:
-    return min(current, max(1, math.ceil(original * (1.0 - max_ratio) - 1e-9)))
+    return min(current, min_width(original, max_ratio))
 
 
 def _available_ratio(pruner: tp.pruner.BasePruner, widths: dict[int, int], max_ratio: float) -> float:

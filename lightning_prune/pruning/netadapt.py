@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch_pruning.pruner.importance import Importance
 
-from lightning_prune.pruning.channels import layer_widths, prune_channels
+from lightning_prune.pruning.channels import layer_widths, min_width, prune_channels
 from lightning_prune.pruning.history import Record
 from lightning_prune.pruning.latency import width_ratios
 from lightning_prune.pruning.sensitivity import SensitivityAnalysis, _copy
@@ -187,8 +187,7 @@ class NetAdapt:
         width and the copy's cost."""
         width = layer_widths(current)[group]
         unit = self.round_to or 1
-        floor = max(unit, math.ceil(self.original[group] * (1.0 - self.max_layer_ratio) - 1e-9))
-        floor = math.ceil(floor / unit) * unit
+        floor = min_width(self.original[group], self.max_layer_ratio, self.round_to)
         if width - unit < floor:
             return None
         per_channel = self._slopes.get(group)
