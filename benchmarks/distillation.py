@@ -18,7 +18,9 @@ Writes the section "distillation" of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import json
 import statistics
 import sys
 import tempfile
@@ -41,17 +43,30 @@ ROOT = Path(__file__).resolve().parents[1]
 PRUNE = {"class_path": "lightning_prune.callbacks.StructuredPruning", "init_args": {"target_macs_ratio": 0.5}}
 
 
+KD = {"loss": "fm_nms", "weight": 1.0}
+
+
 def finetuned_map(
-    shared: dict[str, Any], baseline: Path, out: Path, seed: int, kd: bool, epochs: int, extra: list[str]
+    shared: dict[str, Any],
+    baseline: Path,
+    out: Path,
+    seed: int,
+    kd: dict[str, Any] | None,
+    epochs: int,
+    extra: list[str],
+    prune: dict[str, Any] | None = None,
 ):
-    """mAP50-95 (and the report rows) of one prune → finetune run from ``baseline``."""
+    """mAP50-95 (and the report rows) of one prune → finetune run from ``baseline``; ``kd``: Distillation's
+    arguments besides the teacher (``None``: no distillation); ``prune``: StructuredPruning's (default PRUNE's)."""
     finetune: dict[str, Any] = {"trainer": {"max_epochs": epochs}, "model": {"init_args": {"warmup_epochs": 0}}}
-    if kd:
-        teacher = {"teacher": str(baseline), "loss": "fm_nms", "weight": 1.0}
+    if kd is not None:
+        teacher = {"teacher": str(baseline), **kd}
         finetune["callbacks"] = [{"class_path": "lightning_prune.callbacks.Distillation", "init_args": teacher}]
-    recipe = {**shared, "seed_everything": seed, "pipeline": {"baseline": {}, "prune": {"callbacks": [PRUNE]}}}
+    callback = {**PRUNE, "init_args": prune or PRUNE["init_args"]}
+    recipe = {**shared, "seed_everything": seed, "pipeline": {"baseline": {}, "prune": {"callbacks": [callback]}}}
     recipe["pipeline"]["finetune"] = finetune
-    run = out / f"seed{seed}-{'kd' if kd else 'plain'}"
+    tag = hashlib.sha1(json.dumps([kd, callback], sort_keys=True).encode()).hexdigest()[:8]
+    run = out / f"seed{seed}-{'kd' if kd is not None else 'plain'}-{tag}"  # a changed setting never reuses a run
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     rows, _, _ = run_pipeline(run / "recipe.yaml", run / "out", "--baseline", str(baseline), *extra)
@@ -129,6 +144,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=12, help="training batches per timed fit")
     parser.add_argument("--rounds", type=int, default=4, help="timed fits per variant, interleaved")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
+    parser.add_argument("--kd", type=json.loads, default=KD, help=f"Distillation's arguments as JSON (default {KD})")
+    parser.add_argument(
+        "--prune", type=json.loads, default=PRUNE["init_args"], help="StructuredPruning's arguments as JSON"
+    )
     parser.add_argument("--step_only", action="store_true", help="only the step time, into section distillation_step")
     args, extra = parser.parse_known_args(argv)
     shared = {k: v for k, v in load_recipe(ROOT / args.recipe).items() if k != "pipeline"}
@@ -144,7 +163,9 @@ def main(argv: list[str] | None = None) -> str:
             run_pipeline(out / "baseline/recipe.yaml", out / "baseline/out", *extra)
             baseline = out / "baseline/out/baseline.ckpt"
         results = {
-            (seed, kd): finetuned_map(shared, baseline, out, seed, kd, args.finetune_epochs, extra)
+            (seed, kd): finetuned_map(
+                shared, baseline, out, seed, args.kd if kd else None, args.finetune_epochs, extra, args.prune
+            )
             for seed in args.seeds
             for kd in (False, True)
         }
@@ -161,14 +182,14 @@ def main(argv: list[str] | None = None) -> str:
     body = "\n".join(
         [
             f"Recipe `{args.recipe}`: baseline {100 * first[0]['val/mAP']:.2f} mAP50-95 "
-            f"({first[0]['params'] / 1e6:.3f}M params); pruned one-shot to half its MACs (StructuredPruning, l2) to "
-            f"{100 * first[1]['val/mAP']:.2f}; finetuned {args.finetune_epochs} epochs with and without FM-NMS "
-            f"distillation from the unpruned baseline (weight 1), seeds {args.seeds}.",
+            f"({first[0]['params'] / 1e6:.3f}M params); pruned one-shot (StructuredPruning {args.prune}) to "
+            f"{100 * first[1]['val/mAP']:.2f}; finetuned {args.finetune_epochs} epochs with and without distillation "
+            f"from the unpruned baseline (Distillation {args.kd}), seeds {args.seeds}.",
             "",
             "| finetuning | mAP50-95 (mean ± std over seeds) | per seed |",
             "| --- | --- | --- |",
             f"| without KD | {mean_std(plain)} | {', '.join(f'{100 * v:.2f}' for v in plain)} |",
-            f"| with FM-NMS KD | {mean_std(kd)} | {', '.join(f'{100 * v:.2f}' for v in kd)} |",
+            f"| with KD | {mean_std(kd)} | {', '.join(f'{100 * v:.2f}' for v in kd)} |",
             "",
             "| target (issue #5) | measured | |",
             "| --- | --- | --- |",

@@ -75,7 +75,7 @@ def test_distillation_writes_its_section(tmp_path):
     args = ["--recipe", str(recipe), "--seeds", "0", "--finetune_epochs", "1", "--steps", "3", "--rounds", "1"]
     body = load("distillation").main([*args, "--results", str(results), "--data.root", str(tmp_path / "cache")])
     assert "<!-- distillation:start -->" in results.read_text()
-    for row in ("| without KD |", "| with FM-NMS KD |", "KD >= no KD + 0.5 point", "teacher forward"):
+    for row in ("| without KD |", "| with KD |", "KD >= no KD + 0.5 point", "teacher forward", "'fm_nms'"):
         assert row in body
 
 
@@ -159,3 +159,24 @@ def test_latency_target_writes_its_section(tmp_path):
     body = load("latency_target").main([*args, "--results", str(results)])
     assert "<!-- latency_target:start -->" in results.read_text()
     assert "| 1 | importance |" in body and "latency target in ms met within 10%" in body
+
+
+def test_latency_floor_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    body = load("latency_floor").main(["--quick", "--repeats", "1", "--threads", "1", "--results", str(results)])
+    assert "<!-- latency_floor:start -->" in results.read_text()
+    assert "| YOLOv8n (4 classes) | 128 | 1 |" in body
+
+
+def test_the_floor_model_keeps_one_channel_per_group_and_the_output_shapes():
+    import torch
+
+    floor = load("latency_floor")
+    base = floor.build("n", 4)
+    model = floor.floor_model(floor.build("n", 4), 64)
+    outputs = set(model.adapter.output_layers(model))
+    for name, conv in model.named_modules():
+        if isinstance(conv, torch.nn.Conv2d) and name not in outputs:
+            assert conv.out_channels == 1, name
+    x = torch.zeros(1, 3, 64, 64)
+    assert [o.shape for o in model(x)] == [o.shape for o in base(x)]
