@@ -4,6 +4,7 @@ captured with forward hooks, and the 1×1 adapters between them, trained by an o
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -372,8 +373,13 @@ def _adapter_optimizer(trainer: pl.Trainer | None, params: list[nn.Parameter]) -
             "none. HINT: return one from `configure_optimizers`."
         )
     main = getattr(optimizers[0], "optimizer", optimizers[0])
+    signature = inspect.signature(type(main).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+        defaults = dict(main.defaults)
+    else:  # `defaults` may hold more than the constructor takes (AdamW's `decoupled_weight_decay`, torch >= 2.6)
+        defaults = {k: v for k, v in main.defaults.items() if k in signature}
     try:
-        return type(main)(params, **main.defaults)
+        return type(main)(params, **defaults)
     except (TypeError, ValueError) as err:
         raise MisconfigurationException(
             f"Expected the module's first optimizer ({type(main).__name__}) to be buildable from its `defaults` for "

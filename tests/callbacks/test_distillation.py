@@ -424,6 +424,15 @@ def test_feature_errors(tmp_path):
     assert _ground_truth(((torch.zeros(1, 3, 8, 4), [{"boxes": torch.zeros(0, 4)}]), 0), {})[0] == 8
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.RMSprop])
+def test_the_adapter_optimizer_is_built_for_the_module_optimizers_of_the_recipes(optimizer):
+    # AdamW's `defaults` hold `decoupled_weight_decay`, which its constructor does not take (torch >= 2.6)
+    main = optimizer([nn.Parameter(torch.zeros(1))], lr=0.25, weight_decay=0.01)
+    built = _adapter_optimizer(SimpleNamespace(optimizers=[main]), [nn.Parameter(torch.zeros(2))])
+    assert type(built) is optimizer
+    assert built.defaults["lr"] == 0.25 and built.defaults["weight_decay"] == 0.01
+
+
 def test_the_adapter_step_follows_the_module_lr_and_unscales_float16_gradients():
     main = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
     scaler = SimpleNamespace(is_enabled=lambda: True, get_scale=lambda: 4.0)
