@@ -73,7 +73,10 @@ def test_distillation_writes_its_section(tmp_path):
     recipe = tiny(tmp_path, ROOT / "recipes/shapes/yolov3-slim.yaml")
     results = tmp_path / "RESULTS.md"
     args = ["--recipe", str(recipe), "--seeds", "0", "--finetune_epochs", "1", "--steps", "3", "--rounds", "1"]
-    body = load("distillation").main([*args, "--results", str(results), "--data.root", str(tmp_path / "cache")])
+    kd = '{"loss": "fm_nms", "weight": 1.0, "features": ["neck.set3"]}'  # the default's layers are YOLOv8's
+    body = load("distillation").main(
+        [*args, "--kd", kd, "--results", str(results), "--data.root", str(tmp_path / "cache")]
+    )
     assert "<!-- distillation:start -->" in results.read_text()
     for row in ("| without KD |", "| with KD |", "KD >= no KD + 0.5 point", "teacher forward", "'fm_nms'"):
         assert row in body
