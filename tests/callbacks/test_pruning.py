@@ -533,13 +533,19 @@ if __name__ == "__main__":
     if pruning.remove_blocks:  # block scores that differ by rank: rank 1 alone would remove other blocks
         sign = -1 if int(os.environ.get("LOCAL_RANK", 0)) else 1
         pruning.block_importance = lambda name, module: sign * sum(map(ord, name))
+    netadapt = pruning.allocation == "netadapt"
+    if netadapt:  # proposal scores that differ by rank: rank 1 alone would cut other groups
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        pruning.netadapt_score = lambda model, batches: float(sum(
+            (1 + rank * (len(name) % 3)) * m.out_channels
+            for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)))
     callbacks = [Reseed(), pruning, Report()]
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy={strategy!r}, max_epochs=3, limit_train_batches=2,
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir={out!r},
-                         callbacks=callbacks)
+                         limit_val_batches=1 if netadapt else 0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir={out!r}, callbacks=callbacks)
     model = YOLOv3("tiny", num_classes=2, img_size=64, optimizer={optimizer!r})
-    trainer.fit(model, make_loader(8, 2))
+    trainer.fit(model, make_loader(8, 2), make_loader(4, 2) if netadapt else None)
     if trainer.is_global_zero:  # with ddp_spawn: the main process, given rank 0's weights back by Lightning
         json.dump({{"steps": len(pruning_history(model)),
                     "weights": [p.detach().flatten().tolist() for p in model.parameters()]}},
@@ -559,6 +565,8 @@ if __name__ == "__main__":
         ("ddp", "sgd", "random", {"target_macs_ratio": 0.6, "allocation": "latency"}),
         # rank 0 chooses the residual blocks to remove (rank 1's scores would pick others)
         ("ddp", "sgd", "l2", {"remove_blocks": 2}),
+        # rank 0 runs NetAdapt's rounds (rank 1's proposal scores would cut other groups)
+        ("ddp", "adamw", "l2", {"target_macs_ratio": 0.6, "allocation": "netadapt", "netadapt_step": 0.1}),
     ],
 )
 def test_ddp_ranks_prune_identically_and_keep_training(tmp_path, strategy, optimizer, importance, prune_kwargs):
