@@ -96,6 +96,7 @@ FAMILIES = {  # family -> (its recipe on the built-in data, the slimming recipe 
 ALIASES = {"yolov3": "yolov3m"}  # the reference YOLOv3 of recipes/coco/yolov3.yaml
 TOLERANCE = 0.03  # StructuredPruning's: a MACs target is met within 3%
 ROUND_TO = 8
+KD = {"loss": "fm_nms", "weight": 1.0}  # the "+ KD" rows' Distillation (besides teacher and start epoch)
 TP_STEPS = 5  # steps of Torch-Pruning's iterative loop (its example: 16 steps of 10 epochs each; ours share the budget)
 # option: (full run, --quick) defaults; img_size None: the recipe's
 DEFAULTS: dict[str, tuple[Any, Any]] = {
@@ -212,7 +213,7 @@ def finetune(
 
 
 def kd(budget: Budget, start_epoch: int) -> Distillation:
-    return Distillation(teacher=str(budget.teacher), loss="fm_nms", weight=1.0, start_epoch=start_epoch)
+    return Distillation(teacher=str(budget.teacher), **KD, start_epoch=start_epoch)
 
 
 def prune_epochs(epochs: int, steps: int = 3) -> list[int]:
@@ -508,7 +509,7 @@ def targets(spec: Spec, result: dict[str, Any], target_macs: float) -> list[str]
 def overheads(spec: Spec, args: argparse.Namespace) -> list[str]:
     """Step-time ratios with / without SparsityRegularization and Distillation (the other benchmarks' measurements)."""
     sparsity = sparsity_overhead(spec.shared, spec.sparsity, args.steps, args.rounds)
-    distill = step_cost(spec.shared, args.steps, args.rounds)
+    distill = step_cost(spec.shared, args.steps, args.rounds, KD)  # the setting of its "+ KD" rows
     return [
         f"Step-time overheads on {spec.name} (synthetic batches of {spec.data.get('batch_size', 16)} at "
         f"{spec.data['img_size']} px; fits of {args.steps} batches interleaved, {args.rounds} rounds, medians):",
