@@ -40,19 +40,23 @@ def synthetic_loader(size: int, batch: int, steps: int) -> torch.utils.data.Data
     return torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
 
 
-def step_times(model: pl.LightningModule, callbacks: list[pl.Callback], loader: Any, skip: int = 2) -> list[float]:
-    """Per-batch seconds of one epoch of ``model`` on ``loader`` with ``callbacks``, the first ``skip`` dropped."""
-    timer = StepTimer()
-    trainer = pl.Trainer(
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without validation, logger, checkpoints, progress bar or model summary (``kwargs`` added)."""
+    return pl.Trainer(
         accelerator="cpu",
-        max_epochs=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[*callbacks, timer],
+        **kwargs,
     )
+
+
+def step_times(model: pl.LightningModule, callbacks: list[pl.Callback], loader: Any, skip: int = 2) -> list[float]:
+    """Per-batch seconds of one epoch of ``model`` on ``loader`` with ``callbacks``, the first ``skip`` dropped."""
+    timer = StepTimer()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[*callbacks, timer])
     trainer.fit(model, loader)
     return timer.times[skip:]
 

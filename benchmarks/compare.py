@@ -75,6 +75,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import _results
 import pruning_speed
+from _timing import quiet_trainer
 from distillation import step_cost
 from slimming import sparsity_overhead
 
@@ -187,19 +188,7 @@ def fit(
     module: pl.LightningModule, data: DetectionDataModule, epochs: int, callbacks: list, trainer_args: dict[str, Any]
 ) -> pl.Trainer:
     """``epochs`` epochs on the CPU without validation, logger or checkpoints (mAP is measured afterwards)."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        **trainer_args,
-    )
+    trainer = quiet_trainer(devices=1, max_epochs=epochs, num_sanity_val_steps=0, callbacks=callbacks, **trainer_args)
     trainer.fit(module, datamodule=data)
     return trainer
 

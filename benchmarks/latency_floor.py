@@ -34,18 +34,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _results
-from pruning_speed import time_pair
+from pruning_speed import build, macs, time_pair
 
 from lightning_prune.models.yolov8 import YOLOv8
 from lightning_prune.report.fuse import fuse_batchnorm
-from lightning_prune.report.summary import model_stats
 
 REMAINING = (0.75, 0.5, 0.25)  # MACs left: the -25/-50/-75% cuts of issues #3 and #6
-
-
-def build(scale: str, classes: int) -> YOLOv8:
-    torch.manual_seed(0)
-    return YOLOv8(scale, num_classes=classes, img_size=640).eval()
 
 
 def floor_model(model: YOLOv8, size: int) -> YOLOv8:
@@ -84,8 +78,7 @@ def main(argv: list[str] | None = None) -> str:
     for scale, classes, sizes, batches in models:
         base = build(scale, classes)
         floor = floor_model(copy.deepcopy(base), min(sizes))
-        probe = torch.zeros(1, 3, min(sizes), min(sizes))
-        r0 = model_stats(floor, probe)["macs"] / model_stats(base, probe)["macs"]
+        r0 = macs(floor, min(sizes)) / macs(base, min(sizes))
         fused_base, fused_floor = (fuse_batchnorm(m, torch.zeros(1, 3, 64, 64)) for m in (base, floor))
         for size in sizes:
             for batch in batches:

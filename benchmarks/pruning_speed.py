@@ -74,9 +74,9 @@ def fake_trainer(optimizers: list[torch.optim.Optimizer] | None = None) -> Any:
     )
 
 
-def build(scale: str = "s") -> YOLOv8:
+def build(scale: str = "s", classes: int = 80) -> YOLOv8:
     torch.manual_seed(0)
-    model = YOLOv8(scale, num_classes=80, img_size=640).eval()
+    model = YOLOv8(scale, num_classes=classes, img_size=640).eval()
     model.example_input_array = torch.zeros(1, 3, TRACE, TRACE)
     return model
 
