@@ -643,7 +643,7 @@ class StructuredPruning(pl.Callback):
             if trainer.world_size > 1:
                 records = trainer.strategy.broadcast(records, src=0)
                 if not trainer.is_global_zero:
-                    apply_records(target, records, step=self.steps_done)
+                    self._apply(target, records, None)
         for optimizer in trainer.optimizers:
             tracker.patch(optimizer)
         rank_zero_info(
@@ -803,7 +803,8 @@ class StructuredPruning(pl.Callback):
     ) -> list[dict[str, Any]] | None:
         """Rank 0: NetAdapt's rounds on copies of ``target`` down to the step's goal; their records."""
         assert self.metric is not None and self._original is not None
-        goal = self._goal() * self._original[self.metric] / max(now[self.metric], 1e-12)  # of the model as it is
+        to_now = self._original[self.metric] / max(now[self.metric], 1e-12)  # original fractions -> of the model now
+        goal = self._goal() * to_now
         if goal >= 1.0 - self.tolerance:
             return None  # already small enough
         batches = _validation_batches(trainer, self.netadapt_batches)
@@ -822,7 +823,7 @@ class StructuredPruning(pl.Callback):
             example,
             lambda model: self.netadapt_score(model, batches),
             importance=self.importance,
-            step=self.netadapt_step * self._original[self.metric] / max(now[self.metric], 1e-12),
+            step=self.netadapt_step * to_now,
             cost=self.metric,
             ignored_layers=[re.escape(n) for n in self._ignored_layers(pl_module, target, example)],
             round_to=self.round_to,
