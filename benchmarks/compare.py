@@ -19,8 +19,8 @@ epochs (same data, seed, optimizer and learning rate, no warmup; pruning steps h
   then finetuning. ``Torch-Pruning iterative``: its YOLOv8 example's loop (a new ``GroupNormPruner`` per step, the
   same share of the current channels each step, then a new training run), N = min(5, epochs) steps sharing the
   epochs; the example's share is ``1 - (1 - r)^(1/N)``, here bisected so that the N steps meet the MACs target.
-- lightning_prune, each also ``+ KD`` (``Distillation(teacher=<baseline checkpoint>, loss="fm_nms")`` from the first
-  pruning epoch on): ``slimming`` (``SparsityRegularization`` as the family's slimming recipe sets it, over the
+- lightning_prune, each also ``+ KD`` (``Distillation(teacher=<baseline checkpoint>, **KD[family])`` from the first
+  pruning epoch on: FM-NMS, on YOLOv8 with weight 100 plus CWD on the neck as ``benchmarks/distillation.py`` sets it): ``slimming`` (``SparsityRegularization`` as the family's slimming recipe sets it, over the
   first half of the epochs, then ``StructuredPruning(importance="bn_scale", target_macs_ratio=...)``); ``Taylor
   iterative`` (``importance="taylor"``, cubic schedule, up to 3 steps over the first half); ``budget-allocated``
   (``lightning_prune.pruning.SensitivityAnalysis`` of the baseline, each group pruned alone at ``--ratios``, scored
@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _results
 import pruning_speed
 from _timing import quiet_trainer
-from distillation import step_cost
+import distillation
 from slimming import sparsity_overhead
 
 from lightning_prune.callbacks import Distillation, SparsityRegularization, StructuredPruning
@@ -97,7 +97,9 @@ FAMILIES = {  # family -> (its recipe on the built-in data, the slimming recipe 
 ALIASES = {"yolov3": "yolov3m"}  # the reference YOLOv3 of recipes/coco/yolov3.yaml
 TOLERANCE = 0.03  # StructuredPruning's: a MACs target is met within 3%
 ROUND_TO = 8
-KD = {"loss": "fm_nms", "weight": 1.0}  # the "+ KD" rows' Distillation (besides teacher and start epoch)
+# family -> the "+ KD" rows' Distillation (besides teacher and start epoch). YOLOv8's: benchmarks/distillation.py's
+# (FM-NMS averages over every candidate while YOLOv8's loss is per positive: weight 1 does nothing there, measured)
+KD: dict[str, dict[str, Any]] = {"yolov8": distillation.KD, "yolov3": {"loss": "fm_nms", "weight": 1.0}}
 TP_STEPS = 5  # steps of Torch-Pruning's iterative loop (its example: 16 steps of 10 epochs each; ours share the budget)
 # option: (full run, --quick) defaults; img_size None: the recipe's
 DEFAULTS: dict[str, tuple[Any, Any]] = {
@@ -125,6 +127,7 @@ class Spec:
     model: dict[str, Any]  # class_path, init_args (the scale set)
     data: dict[str, Any]  # the recipe's data section
     sparsity: dict[str, Any]  # SparsityRegularization arguments of the family's slimming recipe
+    kd: dict[str, Any]  # Distillation arguments of the family's "+ KD" rows (KD)
 
     def build(self) -> DetectorModule:
         cls = import_class(self.model["class_path"], "--models")
@@ -144,6 +147,7 @@ class Budget:
     target_macs: float
     teacher: Path  # the baseline's checkpoint: the KD teacher
     sparsity: dict[str, Any]
+    kd: dict[str, Any]  # the "+ KD" rows' Distillation arguments
     selection: list[Any]  # unaugmented training batches the sensitivity analysis scores on
     ratios: list[float]  # of the sensitivity analysis
     search_iterations: int  # of Torch-Pruning's ratio bisection
@@ -172,7 +176,7 @@ def resolve_spec(name: str, img_size: int | None, data: dict[str, Any]) -> Spec:
     model = {**recipe["model"], "init_args": {**recipe["model"]["init_args"], "scale": scale}}
     section = {k: v for k, v in {**recipe["data"], **data, "img_size": img_size}.items() if v is not None}
     section.setdefault("img_size", recipe["data"]["img_size"])
-    return Spec(name, model, section, _sparsity_args(load_recipe(ROOT / slim_path)))
+    return Spec(name, model, section, _sparsity_args(load_recipe(ROOT / slim_path)), KD[family])
 
 
 def _sparsity_args(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +206,7 @@ def finetune(
 
 
 def kd(budget: Budget, start_epoch: int) -> Distillation:
-    return Distillation(teacher=str(budget.teacher), **KD, start_epoch=start_epoch)
+    return Distillation(teacher=str(budget.teacher), **budget.kd, start_epoch=start_epoch)
 
 
 def prune_epochs(epochs: int, steps: int = 3) -> list[int]:
@@ -400,7 +404,15 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
             rows["Baseline"].update(model_stats(baseline, example), nonzero=nonzero(baseline))
             timed["Baseline"] = baseline
         budget = Budget(
-            args.finetune_epochs, args.target_macs, ckpt, spec.sparsity, selection, args.ratios, args.search, trainer
+            args.finetune_epochs,
+            args.target_macs,
+            ckpt,
+            spec.sparsity,
+            spec.kd,
+            selection,
+            args.ratios,
+            args.search,
+            trainer,
         )
         for name in args.methods:
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -498,7 +510,7 @@ def targets(spec: Spec, result: dict[str, Any], target_macs: float) -> list[str]
 def overheads(spec: Spec, args: argparse.Namespace) -> list[str]:
     """Step-time ratios with / without SparsityRegularization and Distillation (the other benchmarks' measurements)."""
     sparsity = sparsity_overhead(spec.shared, spec.sparsity, args.steps, args.rounds)
-    distill = step_cost(spec.shared, args.steps, args.rounds, KD)  # the setting of its "+ KD" rows
+    distill = distillation.step_cost(spec.shared, args.steps, args.rounds, spec.kd)  # the setting of its "+ KD" rows
     return [
         f"Step-time overheads on {spec.name} (synthetic batches of {spec.data.get('batch_size', 16)} at "
         f"{spec.data['img_size']} px; fits of {args.steps} batches interleaved, {args.rounds} rounds, medians):",
@@ -508,7 +520,7 @@ def overheads(spec: Spec, args: argparse.Namespace) -> list[str]:
         f"| SparsityRegularization ({spec.sparsity}) | {sparsity['plain'] * 1e3:.0f} ms | "
         f"{sparsity['regularized'] * 1e3:.0f} ms | ×{sparsity['ratio']:.3f} (rounds ×{sparsity['low']:.3f} … "
         f"×{sparsity['high']:.3f}) |",
-        f"| Distillation (FM-NMS; student pruned to half its MACs; the unpruned teacher's forward alone "
+        f"| Distillation ({spec.kd}; student pruned to half its MACs; the unpruned teacher's forward alone "
         f"{distill['teacher'] * 1e3:.0f} ms) | {distill['student'] * 1e3:.0f} ms | {distill['kd'] * 1e3:.0f} ms | "
         f"×{distill['kd'] / distill['student']:.3f} |",
     ]
