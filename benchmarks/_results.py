@@ -43,3 +43,10 @@ def write_section(name: str, body: str, path: Path | None = None) -> None:
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def publish(name: str, body: str, path: Path | None = None) -> str:
+    """A benchmark's last step: :func:`write_section`, print ``body`` and return it."""
+    write_section(name, body, path)
+    print(body)
+    return body

@@ -45,7 +45,7 @@ import yaml
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import RESULTS, write_section
+from _results import RESULTS, publish
 from _timing import run_command
 from compare import fit
 from pruning_speed import fake_trainer
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> str:
             }
         )
     body = report(args, base_map, base_stats, rows, seeds)
-    write_section(args.section, body, Path(args.results))
-    print(body)
-    return body
+    return publish(args.section, body, Path(args.results))
 
 
 def _mean_std(values: list[float]) -> str:

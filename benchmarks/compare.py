@@ -20,12 +20,13 @@ epochs (same data, seed, optimizer and learning rate, no warmup; pruning steps h
   same share of the current channels each step, then a new training run), N = min(5, epochs) steps sharing the
   epochs; the example's share is ``1 - (1 - r)^(1/N)``, here bisected so that the N steps meet the MACs target.
 - lightning_prune, each also ``+ KD`` (``Distillation(teacher=<baseline checkpoint>, **KD[family])`` from the first
-  pruning epoch on: FM-NMS, on YOLOv8 with weight 100 plus CWD on the neck as ``benchmarks/distillation.py`` sets it): ``slimming`` (``SparsityRegularization`` as the family's slimming recipe sets it, over the
-  first half of the epochs, then ``StructuredPruning(importance="bn_scale", target_macs_ratio=...)``); ``Taylor
-  iterative`` (``importance="taylor"``, cubic schedule, up to 3 steps over the first half); ``budget-allocated``
-  (``lightning_prune.pruning.SensitivityAnalysis`` of the baseline, each group pruned alone at ``--ratios``, scored
-  on unaugmented training images, then ``StructuredPruning(allocation="sensitivity", ...)`` one-shot; the
-  analysis's time counts in the compression's). Ours use ``round_to=8``.
+  pruning epoch on: FM-NMS, on YOLOv8 with weight 100 plus CWD on the neck as ``benchmarks/distillation.py`` sets it):
+  ``slimming`` (``SparsityRegularization`` as the family's slimming recipe sets it, over the first half of the epochs,
+  then ``StructuredPruning(importance="bn_scale", target_macs_ratio=...)``); ``Taylor iterative``
+  (``importance="taylor"``, cubic schedule, up to 3 steps over the first half); ``budget-allocated``
+  (``lightning_prune.pruning.SensitivityAnalysis`` of the baseline, each group pruned alone at ``--ratios``, scored on
+  unaugmented training images, then ``StructuredPruning(allocation="sensitivity", ...)`` one-shot; the analysis's time
+  counts in the compression's). Ours use ``round_to=8``.
 
 Columns: params, MACs, CPU latency (BatchNorm-fused eager forward of the first seed's models, all interleaved with
 the baseline; :func:`lightning_prune.report.latency_ms`) at batch 1 and 8, speedup fidelity (latency speedup ÷ MACs
@@ -74,9 +75,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _results
+import distillation
 import pruning_speed
 from _timing import quiet_trainer
-import distillation
 from slimming import sparsity_overhead
 
 from lightning_prune.callbacks import Distillation, SparsityRegularization, StructuredPruning
@@ -633,9 +634,7 @@ def main(argv: list[str] | None = None) -> str:
             *verdicts,
         ]
     )
-    _results.write_section("compare", body, args.results)
-    print(body)
-    return body
+    return _results.publish("compare", body, args.results)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import RESULTS, write_section
+from _results import RESULTS, publish
 from slimming import run_pipeline
 
 from lightning_prune.cli import load_recipe
@@ -197,9 +197,7 @@ def main(argv: list[str] | None = None) -> str:
             *(f"| {m} | {r['mb']:.2f} | {r['mAP50']:.4f} | {r['mAP']:.4f} |" for m, r in ablation.items()),
         ]
     )
-    write_section(args.section, body, args.results)
-    print(body)
-    return body
+    return publish(args.section, body, args.results)
 
 
 if __name__ == "__main__":

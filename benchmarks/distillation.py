@@ -34,7 +34,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import RESULTS, write_section
+from _results import RESULTS, publish
 from _timing import interleaved, step_times, synthetic_loader
 from slimming import run_pipeline
 
@@ -141,9 +141,7 @@ def step_section(shared: dict[str, Any], args: argparse.Namespace) -> str:
             step_target(cost),
         ]
     )
-    write_section("distillation_step", body, args.results)
-    print(body)
-    return body
+    return publish("distillation_step", body, args.results)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -210,9 +208,7 @@ def main(argv: list[str] | None = None) -> str:
             step_target(cost),
         ]
     )
-    write_section("distillation", body, args.results)
-    print(body)
-    return body
+    return publish("distillation", body, args.results)
 
 
 if __name__ == "__main__":

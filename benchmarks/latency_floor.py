@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> str:
             *rows,
         ]
     )
-    _results.write_section("latency_floor", body, args.results)
-    print(body)
-    return body
+    return _results.publish("latency_floor", body, args.results)
 
 
 if __name__ == "__main__":

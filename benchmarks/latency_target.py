@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import RESULTS, write_section
+from _results import RESULTS, publish
 from pruning_speed import fake_trainer
 
 from lightning_prune.callbacks import StructuredPruning
@@ -109,9 +109,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{'met' if worst <= 0.10 else 'NOT met'} |",
         ]
     )
-    write_section("latency_target", body, Path(args.results))
-    print(body)
-    return body
+    return publish("latency_target", body, Path(args.results))
 
 
 if __name__ == "__main__":

@@ -252,9 +252,7 @@ def main(argv: list[str] | None = None) -> str:
     torch.set_num_threads(args.threads)
     if args.event_only:
         body = event_table(args.scale, (args.ours or DEFAULT_OURS)[0], 5)
-        _results.write_section("pruning_event", body, args.results)
-        print(body)
-        return body
+        return _results.publish("pruning_event", body, args.results)
     reductions = [0.5] if args.quick else [0.25, 0.5, 0.75]
     settings = [(s, b) for s in ([320] if args.quick else [320, 640]) for b in ([1] if args.quick else [1, 8])]
     repeats = args.repeats or (3 if args.quick else 10)
@@ -329,9 +327,7 @@ def main(argv: list[str] | None = None) -> str:
             events,
         ]
     )
-    _results.write_section("pruning_speed", body, args.results)
-    print(body)
-    return body
+    return _results.publish("pruning_speed", body, args.results)
 
 
 def tp_event_cost(base: YOLOv8) -> float:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import write_section
+from _results import publish
 from _timing import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +67,7 @@ def main() -> None:
             "```",
         ]
     )
-    write_section("quickstart", body)
-    print(body)
+    publish("quickstart", body)
 
 
 if __name__ == "__main__":

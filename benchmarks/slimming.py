@@ -28,7 +28,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import RESULTS, write_section
+from _results import RESULTS, publish
 from _timing import run_command, step_times, synthetic_loader
 
 from lightning_prune.callbacks import SparsityRegularization
@@ -187,9 +187,7 @@ def main(argv: list[str] | None = None) -> str:
             f"({timing['hook'] / timing['plain']:.1%} of a step) | {verdict(overhead <= 0.03)} |",
         ]
     )
-    write_section("slimming", body, args.results)
-    print(body)
-    return body
+    return publish("slimming", body, args.results)
 
 
 if __name__ == "__main__":
