@@ -192,7 +192,10 @@ def _sparsity_args(recipe: dict[str, Any]) -> dict[str, Any]:
 def fit(
     module: pl.LightningModule, data: DetectionDataModule, epochs: int, callbacks: list, trainer_args: dict[str, Any]
 ) -> pl.Trainer:
-    """``epochs`` epochs on the CPU without validation, logger or checkpoints (mAP is measured afterwards)."""
+    """``epochs`` epochs on the CPU without validation, logger or checkpoints (mAP is measured afterwards), in
+    training mode: the Trainer keeps each submodule's mode, and a module loaded for evaluation (``load_module``,
+    ``tp_prune``) would otherwise finetune with frozen BatchNorm statistics (measured: YOLOv8s diverged to NaN)."""
+    module.train()
     trainer = quiet_trainer(devices=1, max_epochs=epochs, num_sanity_val_steps=0, callbacks=callbacks, **trainer_args)
     trainer.fit(module, datamodule=data)
     return trainer

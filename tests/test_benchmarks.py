@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +184,19 @@ def test_the_floor_model_keeps_one_channel_per_group_and_the_output_shapes():
             assert conv.out_channels == 1, name
     x = torch.zeros(1, 3, 64, 64)
     assert [o.shape for o in model(x)] == [o.shape for o in base(x)]
+
+
+def test_compare_fit_trains_every_module_in_training_mode(tmp_path):
+    """A model loaded for evaluation (eval mode) is finetuned with live BatchNorm: the Trainer keeps submodule modes."""
+    module = load("compare")
+    spec = module.resolve_spec("yolov8n", 64, {**module.QUICK_DATA, "root": str(tmp_path)})
+    model = spec.build().eval()
+    data = module.recipe_datamodule({"data": spec.data})
+    modes: list[bool] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.extend(m.training for m in pl_module.modules())
+
+    module.fit(model, data, 1, [Record()], {"limit_train_batches": 1, "default_root_dir": str(tmp_path)})
+    assert modes and all(modes)
