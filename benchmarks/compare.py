@@ -446,8 +446,10 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------- report
 def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
+    """``mean ± std`` in points; one seed has no spread to show: ``mean (1 seed)``."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def model_table(spec: Spec, result: dict[str, Any]) -> list[str]:
