@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -53,7 +54,23 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     )
 
 
-def step_times(model: pl.LightningModule, callbacks: list[pl.Callback], loader: Any, skip: int = 2) -> list[float]:
+SKIP = 2  # warm-up batches of each timed fit, not timed
+
+
+def timed_steps(text: str) -> int:
+    """``--steps``'s type: batches per timed fit, more than the :data:`SKIP` warm-up batches."""
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps <= SKIP:
+        raise argparse.ArgumentTypeError(
+            f"expected an int > {SKIP} (the first {SKIP} batches of each timed fit are warm-up) but got {text!r}"
+        )
+    return steps
+
+
+def step_times(model: pl.LightningModule, callbacks: list[pl.Callback], loader: Any, skip: int = SKIP) -> list[float]:
     """Per-batch seconds of one epoch of ``model`` on ``loader`` with ``callbacks``, the first ``skip`` dropped."""
     timer = StepTimer()
     trainer = quiet_trainer(max_epochs=1, callbacks=[*callbacks, timer])

@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import RESULTS, publish
-from _timing import run_command, step_times, synthetic_loader
+from _timing import run_command, step_times, synthetic_loader, timed_steps
 
 from lightning_prune.callbacks import SparsityRegularization
 from lightning_prune.cli import load_recipe
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/shapes/yolov3-slim.yaml")
     parser.add_argument("--out", help="pipeline folder (default: a temporary one)")
-    parser.add_argument("--steps", type=int, default=16, help="training batches per timed fit")
+    parser.add_argument("--steps", type=timed_steps, default=16, help="training batches per timed fit")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved pairs of timed fits")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
     args, extra = parser.parse_known_args(argv)

@@ -200,3 +200,10 @@ def test_compare_fit_trains_every_module_in_training_mode(tmp_path):
 
     module.fit(model, data, 1, [Record()], {"limit_train_batches": 1, "default_root_dir": str(tmp_path)})
     assert modes and all(modes)
+
+
+@pytest.mark.parametrize("script", ["distillation", "slimming", "compare"])
+def test_steps_at_most_the_warm_up_is_refused_before_any_run(script, capsys):
+    with pytest.raises(SystemExit):
+        load(script).main(["--steps", "2"])
+    assert "--steps: expected an int > 2" in capsys.readouterr().err
