@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
         f"Python {platform.python_version()}"
     )
+
+
+def mean_std(values: list[float]) -> str:
+    """Fractions as ``mean ± std`` in points; one seed has no spread to show: ``mean (1 seed)``."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def write_section(name: str, body: str, path: Path | None = None) -> None:

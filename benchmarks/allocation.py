@@ -45,7 +45,7 @@ import yaml
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import RESULTS, publish
+from _results import RESULTS, mean_std, publish
 from _timing import run_command
 from compare import fit
 from pruning_speed import fake_trainer
@@ -217,11 +217,6 @@ def main(argv: list[str] | None = None) -> str:
     return publish(args.section, body, Path(args.results))
 
 
-def _mean_std(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
 def report(args: Any, base_map: float, base: dict, rows: dict[str, dict[str, Any]], seeds: list[int]) -> str:
     lines = [
         f"Recipe `{Path(args.recipe).relative_to(ROOT) if Path(args.recipe).is_relative_to(ROOT) else args.recipe}`, "
@@ -241,7 +236,7 @@ def report(args: Any, base_map: float, base: dict, rows: dict[str, dict[str, Any
         s = row["stats"]
         lines.append(
             f"| {method} | {s['params'] / 1e6:.3f}M | {s['macs'] / 1e9:.3f}G ({s['macs'] / base['macs']:.3f}) | "
-            f"{row['seconds']:.1f} | {_mean_std(row['before'])} | {_mean_std(row['after'])} |"
+            f"{row['seconds']:.1f} | {mean_std(row['before'])} | {mean_std(row['after'])} |"
         )
     off = [
         m

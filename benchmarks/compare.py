@@ -450,13 +450,6 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- report
-def mean_std(values: list[float]) -> str:
-    """``mean ± std`` in points; one seed has no spread to show: ``mean (1 seed)``."""
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f} (1 seed)"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
 def model_table(spec: Spec, result: dict[str, Any]) -> list[str]:
     rows, latency = result["rows"], result["latency"]
     base = rows["Baseline"]
@@ -479,7 +472,7 @@ def model_table(spec: Spec, result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {params} | {row['macs'] / 1e9:.3f}G ({row['macs'] / base['macs']:.1%}) "
             + "".join(f"| {latency[b][name]:.1f} (×{speed[b]:.2f}) " for b in latency)
-            + f"| {speed[1] / cut:.2f} / {speed[8] / cut:.2f} | {mean_std(row['mAP'])} "
+            + f"| {speed[1] / cut:.2f} / {speed[8] / cut:.2f} | {_results.mean_std(row['mAP'])} "
             f"| {', '.join(f'{100 * v:.2f}' for v in row['mAP'])}{note} | {wall} |"
         )
     return lines

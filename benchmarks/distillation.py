@@ -34,7 +34,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import RESULTS, publish
+from _results import RESULTS, mean_std, publish
 from _timing import interleaved, step_times, synthetic_loader, timed_steps
 from slimming import run_pipeline
 
@@ -184,10 +184,6 @@ def main(argv: list[str] | None = None) -> str:
     first = results[(args.seeds[0], False)]
     plain = [results[(s, False)][-1]["val/mAP"] for s in args.seeds]
     kd = [results[(s, True)][-1]["val/mAP"] for s in args.seeds]
-
-    def mean_std(values: list[float]) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
     gain = 100 * (statistics.mean(kd) - statistics.mean(plain))
     body = "\n".join(
