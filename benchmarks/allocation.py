@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> str:
                 print(f"[allocation] {method} failed: {err}", flush=True)
                 break
             run = {"stats": model_stats(model, example), "seconds": seconds, "before": score(model)}
-            finetune(model.train(), data, args.finetune_epochs, seed, out, args.train_batches)
+            finetune(model, data, args.finetune_epochs, seed, out, args.train_batches)
             run["after"] = score(model)
             print(f"[allocation] {method} seed {seed}: {run['before']:.4f} -> {run['after']:.4f}", flush=True)
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -101,9 +101,8 @@ ROUND_TO = 8
 # family -> the "+ KD" rows' Distillation (besides teacher and start epoch; the cached runs in --out do not record it).
 # YOLOv8: FM-NMS averages over every candidate while YOLOv8's loss is per positive, weight 1 does nothing there; this is
 # the setting benchmarks/distillation.py measured first (+0.40; its default is now stronger)
-NECK = ["neck.td3", "neck.bu4", "neck.bu5"]
 KD: dict[str, dict[str, Any]] = {
-    "yolov8": {"loss": "fm_nms", "weight": 100, "features": NECK, "feature_weight": 10},
+    "yolov8": {"loss": "fm_nms", "weight": 100, "features": distillation.YOLOV8_NECK, "feature_weight": 10},
     "yolov3": {"loss": "fm_nms", "weight": 1.0},
 }
 TP_STEPS = 5  # steps of Torch-Pruning's iterative loop (its example: 16 steps of 10 epochs each; ours share the budget)

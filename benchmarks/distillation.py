@@ -51,7 +51,8 @@ PRUNE = {
 # FM-NMS averages over every candidate while YOLOv8's own loss is normalized per positive and multiplied by the batch
 # size: weight 1 leaves it ~1000x weaker (measured: no gain). Same 3 seeds: weight 100 with CWD on the neck at weight
 # 10 gave +0.40, weight 300 with CWD at 30 gave +0.57 (section).
-KD = {"loss": "fm_nms", "weight": 300, "features": ["neck.td3", "neck.bu4", "neck.bu5"], "feature_weight": 30}
+YOLOV8_NECK = ["neck.td3", "neck.bu4", "neck.bu5"]  # the reference YOLOv8's three neck outputs (strides 8, 16, 32)
+KD = {"loss": "fm_nms", "weight": 300, "features": YOLOV8_NECK, "feature_weight": 30}
 
 
 def finetuned_map(
