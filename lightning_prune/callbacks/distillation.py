@@ -200,6 +200,12 @@ class Distillation(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.teacher is None:
             self.teacher = self._build_teacher(pl_module)
+        classes, teacher_classes = getattr(pl_module, "num_classes", None), getattr(self.teacher, "num_classes", None)
+        if classes is not None and teacher_classes is not None and classes != teacher_classes:
+            raise MisconfigurationException(
+                f"Expected argument `teacher` to be a model of the student's {classes} classes but got one of "
+                f"{teacher_classes} ({self.teacher_source}). HINT: distil from a teacher trained on the same classes."
+            )
         self._freeze(pl_module)
 
     @override

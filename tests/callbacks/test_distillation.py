@@ -21,6 +21,7 @@ from torch import nn
 from lightning_prune.callbacks import Distillation, StructuredPruning, pruning_history
 from lightning_prune.callbacks._features import _adapter_optimizer, _ground_truth
 from lightning_prune.losses import FeatureAdapter
+from lightning_prune.models import YOLOv3
 from lightning_prune.models.base import count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -81,6 +82,20 @@ def test_the_self_teacher_is_the_model_just_before_its_first_pruning_step(tmp_pa
     callbacks = [StructuredPruning(pruning_ratio=0.4, epochs=[2]), Watch(), distillation]  # any order works
     make_trainer(tmp_path, callbacks, max_epochs=3).fit(model, make_loader())
     assert seen["teacher"] == seen["student"]
+
+
+def test_a_teacher_of_other_classes_is_refused_before_training(tmp_path):
+    teacher_path = tmp_path / "teacher.ckpt"
+    trainer = make_trainer(tmp_path, [], max_epochs=1)
+    trainer.fit(YOLOv3("tiny", num_classes=3, img_size=64), make_loader())
+    trainer.save_checkpoint(teacher_path)
+    student = FAMILIES["yolov3"]()
+    before = checksum(student)
+    trainer = make_trainer(tmp_path, [Distillation(teacher=str(teacher_path))], max_epochs=1)
+    expected = r"Expected argument `teacher` to be a model of the student's 2 classes but got one of 3"
+    with pytest.raises(MisconfigurationException, match=expected):
+        trainer.fit(student, make_loader())
+    assert checksum(student) == before  # no step was taken
 
 
 def test_a_checkpoint_teacher_and_resume_with_the_saved_self_teacher(tmp_path):
