@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/compare.py [--models yolov8s,yolov3] [--img_size 256] [--seeds 0,1,2] [--baseline_epochs 15]
        [--finetune_epochs 5] [--target_macs 0.5] [--methods "Torch-Pruning one-shot,slimming"] [--threads 2]
-       [--out DIR] [--results benchmarks/RESULTS.md] [--quick]
+       [--latency_sizes 128,256] [--out DIR] [--results benchmarks/RESULTS.md] [--quick]
 
 For every model and seed, one baseline is trained (``--baseline_epochs``, the family's recipe: ``recipes/shapes/
 yolov8n.yaml`` or ``yolov3-tiny.yaml`` with the scale of the name; ``yolov3`` is the reference ``m`` scale of
@@ -29,8 +29,10 @@ epochs (same data, seed, optimizer and learning rate, no warmup; pruning steps h
   counts in the compression's). Ours use ``round_to=8``.
 
 Columns: params, MACs, CPU latency (BatchNorm-fused eager forward of the first seed's models, all interleaved with
-the baseline; :func:`lightning_prune.report.latency_ms`) at batch 1 and 8, speedup fidelity (latency speedup ÷ MACs
-reduction), mAP50-95 on the validation split (:func:`lightning_prune.report.evaluate_map`, mean ± std over seeds),
+the baseline; :func:`lightning_prune.report.latency_ms`) at batch 1 and 8, at the training side or at each of
+``--latency_sizes`` (the architecture, hence the MACs reduction, is the same at every side; the fixed per-op cost
+that pruning cannot remove weighs more on small inputs, see ``benchmarks/latency_floor.py``), speedup fidelity
+(latency speedup ÷ MACs reduction), mAP50-95 on the validation split (:func:`lightning_prune.report.evaluate_map`, mean ± std over seeds),
 wall time of the compression (pruning and the finetuning epochs). Then the step-time overhead of
 SparsityRegularization and of Distillation on the first model (``benchmarks/slimming.py`` and
 ``benchmarks/distillation.py``'s interleaved measurements) and the cost of one pruning event on a YOLOv8s-size model
@@ -441,10 +443,11 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
                 timed[name] = model
             print(f"[compare] {spec.name} seed {seed} {name}: mAP50-95 {rows[name]['mAP'][-1]:.4f}", flush=True)
     names = list(timed)
-    latency = {}
-    for batch in (1, 8):
-        x = torch.rand(batch, 3, size, size)
-        latency[batch] = dict(zip(names, latency_ms([timed[n] for n in names], x, repeats=args.repeats)))
+    latency = {}  # (px, batch) -> {name: ms}
+    for px in args.latency_sizes or [size]:
+        for batch in (1, 8):
+            x = torch.rand(batch, 3, px, px)
+            latency[px, batch] = dict(zip(names, latency_ms([timed[n] for n in names], x, repeats=args.repeats)))
     return {"rows": rows, "latency": latency, "reused": reused}
 
 
@@ -452,26 +455,30 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
 def model_table(spec: Spec, result: dict[str, Any]) -> list[str]:
     rows, latency = result["rows"], result["latency"]
     base = rows["Baseline"]
+    sizes = sorted({px for px, _ in latency})
     lines = [
-        "| method | params | MACs | CPU b1 (ms) | CPU b8 (ms) | fidelity b1 / b8 | mAP50-95 (mean ± std) | per seed "
-        "| compression (min) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| method | params | MACs | "
+        + "".join(f"CPU {px} px b{b} (ms) | " for px, b in latency)
+        + "".join(f"fidelity {px} px b1 / b8 | " for px in sizes)
+        + "mAP50-95 (mean ± std) | per seed | compression (min) |",
+        "| --- | ---: | ---: | " + "---: | " * (len(latency) + len(sizes)) + "---: | --- | ---: |",
     ]
     for name, row in rows.items():
         if not row["mAP"]:
-            lines.append(f"| {name} | failed: {row['failed'][0]} |" + " |" * 7)
+            lines.append(f"| {name} | failed: {row['failed'][0]} |" + " |" * (4 + len(latency) + len(sizes)))
             continue
         params = f"{row['params'] / 1e6:.3f}M"
         if row["nonzero"] < 0.99 * row["params"]:
             params += f" ({row['nonzero'] / 1e6:.3f}M nonzero)"
         cut = base["macs"] / row["macs"]
-        speed = {b: latency[b]["Baseline"] / latency[b][name] for b in latency}
+        speed = {key: latency[key]["Baseline"] / latency[key][name] for key in latency}
         wall = f"{statistics.mean(row['seconds']) / 60:.1f}" if row["seconds"] else "-"
         note = f" (failed: {'; '.join(row['failed'])})" if row["failed"] else ""
         lines.append(
             f"| {name} | {params} | {row['macs'] / 1e9:.3f}G ({row['macs'] / base['macs']:.1%}) "
-            + "".join(f"| {latency[b][name]:.1f} (×{speed[b]:.2f}) " for b in latency)
-            + f"| {speed[1] / cut:.2f} / {speed[8] / cut:.2f} | {_results.mean_std(row['mAP'])} "
+            + "".join(f"| {latency[key][name]:.1f} (×{speed[key]:.2f}) " for key in latency)
+            + "".join(f"| {speed[px, 1] / cut:.2f} / {speed[px, 8] / cut:.2f} " for px in sizes)
+            + f"| {_results.mean_std(row['mAP'])} "
             f"| {', '.join(f'{100 * v:.2f}' for v in row['mAP'])}{note} | {wall} |"
         )
     return lines
@@ -501,10 +508,10 @@ def targets(spec: Spec, result: dict[str, Any], target_macs: float) -> list[str]
         + (f" (failed, not compared: {', '.join(absent)})" if absent else "")
         + f" | {'met' if peers and not lost else 'NOT met'} |"
     ]
-    for batch in latency:
-        speed = latency[batch]["Baseline"] / latency[batch][best]
+    for (px, batch), ms in latency.items():
+        speed = ms["Baseline"] / ms[best]
         lines.append(
-            f"| {spec.name}: `{best}` CPU speedup >= 1.8× at -{1 - target_macs:.0%} MACs, batch {batch} | "
+            f"| {spec.name}: `{best}` CPU speedup >= 1.8× at -{1 - target_macs:.0%} MACs, {px} px, batch {batch} | "
             f"×{speed:.2f} | {'met' if speed >= 1.8 else 'NOT met'} |"
         )
     return lines
@@ -544,6 +551,17 @@ def event_lines(args: argparse.Namespace) -> tuple[list[str], float]:
     ], median["ratio"]
 
 
+def _sizes(text: str) -> list[int]:
+    """``--latency_sizes``: positive ints, comma-separated."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 32:
+        raise argparse.ArgumentTypeError(f"expected input sides >= 32, comma-separated (e.g. 128,256), got {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
 def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 px, 8 images, 1 + 2 epochs, one seed")
@@ -559,6 +577,11 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratios", help=f"of the sensitivity analysis (default {DEFAULTS['ratios'][0]})")
     parser.add_argument("--selection_batches", type=int, help="training batches the sensitivity analysis scores on")
     parser.add_argument("--repeats", type=int, help="timed rounds per latency (default 20)")
+    parser.add_argument(
+        "--latency_sizes",
+        type=_sizes,
+        help="input sides the latency is measured at, comma-separated (default: the training side)",
+    )
     parser.add_argument("--steps", type=timed_steps, help="batches per timed fit of the overheads (default 12)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds of the step-time overheads (default 4)")
     parser.add_argument("--event_runs", type=int, help="runs of the pruning event (default 5)")

@@ -1,13 +1,15 @@
 """What a user ships: the compression report of a pruned + distilled detector, with ONNX Runtime and INT8 rows.
 
 Usage: python benchmarks/compression.py [--recipe recipes/shapes/yolov8n.yaml] [--baseline CKPT | --baseline_epochs N]
-       [--finetune_epochs 5] [--prune "{allocation: latency}"] [--calibration_images 64] [--repeats 20] [--out DIR]
-       [--results benchmarks/RESULTS.md]
+       [--finetune_epochs 5] [--prune "{allocation: latency}"] [--kd "{loss: fm_nms, weight: 1}"]
+       [--calibration_images 64] [--repeats 20] [--out DIR] [--results benchmarks/RESULTS.md]
        [extra LightningCLI arguments for every stage ...]
 
 1. Trains the recipe's model (or takes ``--baseline``), prunes it one-shot to half its MACs (StructuredPruning,
-   ``l2``, ``round_to=8``) and finetunes it ``--finetune_epochs`` epochs with FM-NMS distillation from the baseline,
-   through ``lightning-prune pipeline``.
+   ``l2``, ``round_to=8``; ``--prune`` overrides) and finetunes it ``--finetune_epochs`` epochs with distillation
+   from the baseline, through ``lightning-prune pipeline``. The distillation is ``benchmarks/distillation.py``'s
+   (``distillation.KD``: FM-NMS weight 300 plus CWD on the neck at 30) for YOLOv8 recipes, FM-NMS with weight 1
+   otherwise; ``--kd`` replaces it.
 2. Measures Baseline / Pruned+KD / Pruned+KD INT8 side by side in one run
    (:func:`lightning_prune.report.compression.compression_report`): params, MACs, size, latency on CPU eager
    (BatchNorm fused) and ONNX Runtime at batch 1 and 8, mAP over the whole validation split (the INT8 model through
@@ -34,6 +36,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+import distillation
 from _results import RESULTS, publish
 from slimming import run_pipeline
 
@@ -64,9 +67,10 @@ def train(
     epochs: int,
     baseline_epochs: int | None,
     prune: dict[str, Any],
+    kd: dict[str, Any],
     extra: list[str],
 ) -> Path:
-    """Baseline (unless given) → one-shot prune → finetune with FM-NMS from the baseline; the output folder."""
+    """Baseline (unless given) → one-shot prune → finetune distilled (``kd``) from the baseline; the output folder."""
     teacher = str(baseline) if baseline is not None else "{out}/baseline.ckpt"
     finetune = {
         "trainer": {"max_epochs": epochs},
@@ -74,7 +78,7 @@ def train(
         "callbacks": [
             {
                 "class_path": "lightning_prune.callbacks.Distillation",
-                "init_args": {"teacher": teacher, "loss": "fm_nms", "weight": 1.0},
+                "init_args": {"teacher": teacher, **kd},
             }
         ],
     }
@@ -84,6 +88,13 @@ def train(
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_pipeline(out / "recipe.yaml", out / "out", *(["--baseline", str(baseline)] if baseline else []), *extra)
     return out / "out"
+
+
+def default_kd(shared: dict[str, Any]) -> dict[str, Any]:
+    """The finetuning's Distillation arguments (besides the teacher) for the recipe's model family."""
+    if shared["model"]["class_path"].rsplit(".", 1)[-1] == "YOLOv8":
+        return dict(distillation.KD)
+    return {"loss": "fm_nms", "weight": 1.0}
 
 
 def calibration_ablation(folder: Path, model: Any, data: DetectionDataModule, images: int) -> dict[str, dict]:
@@ -132,6 +143,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--prune", help="StructuredPruning arguments over the defaults, as YAML: '{allocation: latency}'"
     )
+    parser.add_argument(
+        "--kd", help="the finetuning's Distillation arguments besides the teacher, as YAML (default: by family)"
+    )
     parser.add_argument("--calibration_images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per latency")
     parser.add_argument("--out", type=Path, help="runs folder (default: a temporary one)")
@@ -144,7 +158,10 @@ def main(argv: list[str] | None = None) -> str:
         reused = (out / "runs" / "out" / "finetune.ckpt").exists()  # the pipeline skips the stages it has done
         start = time.perf_counter()
         prune = {**PRUNE, "init_args": {**PRUNE["init_args"], **yaml.safe_load(args.prune or "{}")}}
-        stages = train(shared, out / "runs", args.baseline, args.finetune_epochs, args.baseline_epochs, prune, extra)
+        kd = default_kd(shared) if args.kd is None else yaml.safe_load(args.kd)
+        stages = train(
+            shared, out / "runs", args.baseline, args.finetune_epochs, args.baseline_epochs, prune, kd, extra
+        )
         train_s = time.perf_counter() - start
         model_class = shared["model"]["class_path"]
         baseline = load_module(args.baseline or stages / "baseline.ckpt", model_class)
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> str:
                 + (" epochs" if args.baseline_epochs else "'s epochs")
             )
             + f"; one-shot StructuredPruning ({prune['init_args']}); {args.finetune_epochs} finetune epochs"
-            f" with FM-NMS distillation from the baseline; INT8 = ONNX Runtime static QDQ, entropy calibration on "
+            f" with Distillation ({kd}) from the baseline; INT8 = ONNX Runtime static QDQ, entropy calibration on "
             f"{args.calibration_images} training images. "
             + ("Stages reused from an earlier run in `--out`" if reused else f"Training {train_s / 60:.1f} min")
             + f", report {report_s:.0f} s.",

@@ -100,6 +100,7 @@ def test_compression_writes_its_section(tmp_path):
         "INT8 file <= 0.3",
         "ONNX Runtime, batch 8",
         "| minmax |",
+        "Distillation ({'loss': 'fm_nms', 'weight': 300, 'features': ['neck.td3'",  # YOLOv8: distillation.py's KD
     )
     for row in rows:
         assert row in body
@@ -123,8 +124,10 @@ def test_compare_quick_writes_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n<!-- other:start -->\n## other\n\nkept\n<!-- other:end -->\n")
     args = ["--quick", "--threads", "1", "--data_root", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]
-    body = module.main([*args, "--results", str(results)])
+    body = module.main([*args, "--latency_sizes", "64,96", "--results", str(results)])
     text = results.read_text()
+    assert "| CPU 64 px b1 (ms) | CPU 64 px b8 (ms) | CPU 96 px b1 (ms) | CPU 96 px b8 (ms) |" in body
+    assert "at -50% MACs, 96 px, batch 8 |" in body  # a speedup verdict per measured side and batch
     assert "<!-- compare:start -->" in text and "<!-- compare:end -->" in text and "kept" in text
     for model in ("### yolov8n", "### yolov3-tiny"):
         assert model in body
@@ -200,6 +203,13 @@ def test_compare_fit_trains_every_module_in_training_mode(tmp_path):
 
     module.fit(model, data, 1, [Record()], {"limit_train_batches": 1, "default_root_dir": str(tmp_path)})
     assert modes and all(modes)
+
+
+@pytest.mark.parametrize("sizes", ["0", "128,x", ""])
+def test_compare_latency_sizes_are_checked_at_parsing(sizes, capsys):
+    with pytest.raises(SystemExit):
+        load("compare").main(["--latency_sizes", sizes])
+    assert "--latency_sizes: expected input sides >= 32" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["distillation", "slimming", "compare"])
