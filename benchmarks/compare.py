@@ -32,9 +32,9 @@ Columns: params, MACs, CPU latency (BatchNorm-fused eager forward of the first s
 the baseline; :func:`lightning_prune.report.latency_ms`) at batch 1 and 8, at the training side or at each of
 ``--latency_sizes`` (the architecture, hence the MACs reduction, is the same at every side; the fixed per-op cost
 that pruning cannot remove weighs more on small inputs, see ``benchmarks/latency_floor.py``), speedup fidelity
-(latency speedup ÷ MACs reduction), mAP50-95 on the validation split (:func:`lightning_prune.report.evaluate_map`, mean ± std over seeds),
-wall time of the compression (pruning and the finetuning epochs). Then the step-time overhead of
-SparsityRegularization and of Distillation on the first model (``benchmarks/slimming.py`` and
+(latency speedup ÷ MACs reduction), mAP50-95 on the validation split (:func:`lightning_prune.report.evaluate_map`,
+mean ± std over seeds), wall time of the compression (pruning and the finetuning epochs). Then the step-time
+overhead of SparsityRegularization and of Distillation on the first model (``benchmarks/slimming.py`` and
 ``benchmarks/distillation.py``'s interleaved measurements) and the cost of one pruning event on a YOLOv8s-size model
 (``benchmarks/pruning_speed.py``'s).
 

@@ -70,7 +70,8 @@ def train(
     kd: dict[str, Any],
     extra: list[str],
 ) -> Path:
-    """Baseline (unless given) → one-shot prune → finetune distilled (``kd``) from the baseline; the output folder."""
+    """Baseline (unless given) → one-shot prune → finetune distilled (``kd``) from the baseline; the output
+    folder."""
     teacher = str(baseline) if baseline is not None else "{out}/baseline.ckpt"
     finetune = {
         "trainer": {"max_epochs": epochs},
@@ -88,6 +89,19 @@ def train(
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_pipeline(out / "recipe.yaml", out / "out", *(["--baseline", str(baseline)] if baseline else []), *extra)
     return out / "out"
+
+
+def _mapping(parser: argparse.ArgumentParser, flag: str, text: str | None) -> dict[str, Any] | None:
+    """The YAML mapping of ``--<flag>`` (None when not given); anything else stops the run before it starts."""
+    if text is None:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        value = err
+    if not isinstance(value, dict):
+        parser.error(f"argument --{flag}: expected a YAML mapping such as '{{weight: 300}}', got {text!r}")
+    return value
 
 
 def default_kd(shared: dict[str, Any]) -> dict[str, Any]:
@@ -152,13 +166,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
     parser.add_argument("--section", default="compression", help="its section to write (default compression)")
     args, extra = parser.parse_known_args(argv)
+    overrides = {flag: _mapping(parser, flag, getattr(args, flag)) for flag in ("prune", "kd")}
     shared = {k: v for k, v in load_recipe(ROOT / args.recipe).items() if k != "pipeline"}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         reused = (out / "runs" / "out" / "finetune.ckpt").exists()  # the pipeline skips the stages it has done
         start = time.perf_counter()
-        prune = {**PRUNE, "init_args": {**PRUNE["init_args"], **yaml.safe_load(args.prune or "{}")}}
-        kd = default_kd(shared) if args.kd is None else yaml.safe_load(args.kd)
+        prune = {**PRUNE, "init_args": {**PRUNE["init_args"], **(overrides["prune"] or {})}}
+        kd = default_kd(shared) if overrides["kd"] is None else overrides["kd"]
         stages = train(
             shared, out / "runs", args.baseline, args.finetune_epochs, args.baseline_epochs, prune, kd, extra
         )

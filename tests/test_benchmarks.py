@@ -205,6 +205,13 @@ def test_compare_fit_trains_every_module_in_training_mode(tmp_path):
     assert modes and all(modes)
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--kd", "5"), ("--prune", "[1, 2]"), ("--kd", "{a: [")])
+def test_compression_overrides_must_be_yaml_mappings(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        load("compression").main([flag, value, "--baseline", "/nonexistent.ckpt"])
+    assert f"argument {flag}: expected a YAML mapping" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("sizes", ["0", "128,x", ""])
 def test_compare_latency_sizes_are_checked_at_parsing(sizes, capsys):
     with pytest.raises(SystemExit):
