@@ -91,16 +91,14 @@ def train(
     return out / "out"
 
 
-def _mapping(parser: argparse.ArgumentParser, flag: str, text: str | None) -> dict[str, Any] | None:
-    """The YAML mapping of ``--<flag>`` (None when not given); anything else stops the run before it starts."""
-    if text is None:
-        return None
+def yaml_mapping(text: str) -> dict[str, Any]:
+    """``--prune`` / ``--kd``: a YAML mapping; anything else stops the run at parsing."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        value = err
+    except yaml.YAMLError:
+        value = None
     if not isinstance(value, dict):
-        parser.error(f"argument --{flag}: expected a YAML mapping such as '{{weight: 300}}', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{weight: 300}}', got {text!r}")
     return value
 
 
@@ -155,10 +153,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--baseline_epochs", type=int, help="baseline training epochs (default: the recipe's)")
     parser.add_argument("--finetune_epochs", type=int, default=5)
     parser.add_argument(
-        "--prune", help="StructuredPruning arguments over the defaults, as YAML: '{allocation: latency}'"
+        "--prune",
+        type=yaml_mapping,
+        default={},
+        help="StructuredPruning arguments over the defaults, as YAML: '{allocation: latency}'",
     )
     parser.add_argument(
-        "--kd", help="the finetuning's Distillation arguments besides the teacher, as YAML (default: by family)"
+        "--kd",
+        type=yaml_mapping,
+        help="the finetuning's Distillation arguments besides the teacher, as YAML (default: by family)",
     )
     parser.add_argument("--calibration_images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per latency")
@@ -166,14 +169,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
     parser.add_argument("--section", default="compression", help="its section to write (default compression)")
     args, extra = parser.parse_known_args(argv)
-    overrides = {flag: _mapping(parser, flag, getattr(args, flag)) for flag in ("prune", "kd")}
     shared = {k: v for k, v in load_recipe(ROOT / args.recipe).items() if k != "pipeline"}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         reused = (out / "runs" / "out" / "finetune.ckpt").exists()  # the pipeline skips the stages it has done
         start = time.perf_counter()
-        prune = {**PRUNE, "init_args": {**PRUNE["init_args"], **(overrides["prune"] or {})}}
-        kd = default_kd(shared) if overrides["kd"] is None else overrides["kd"]
+        prune = {**PRUNE, "init_args": {**PRUNE["init_args"], **args.prune}}
+        kd = default_kd(shared) if args.kd is None else args.kd
         stages = train(
             shared, out / "runs", args.baseline, args.finetune_epochs, args.baseline_epochs, prune, kd, extra
         )
