@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/compare.py [--models yolov8s,yolov3] [--img_size 256] [--seeds 0,1,2] [--baseline_epochs 15]
        [--finetune_epochs 5] [--target_macs 0.5] [--methods "Torch-Pruning one-shot,slimming"] [--threads 2]
-       [--latency_sizes 128,256] [--out DIR] [--results benchmarks/RESULTS.md] [--quick]
+       [--latency_sizes 128,256] [--out DIR] [--results benchmarks/RESULTS.md] [--section compare] [--quick]
 
 For every model and seed, one baseline is trained (``--baseline_epochs``, the family's recipe: ``recipes/shapes/
 yolov8n.yaml`` or ``yolov3-tiny.yaml`` with the scale of the name; ``yolov3`` is the reference ``m`` scale of
@@ -51,7 +51,8 @@ for YOLOv8s and 11 for YOLOv3-m (extrapolated by MACs from YOLOv8n at 128 px, 0.
 ``--img_size 128``, fewer ``--seeds`` or ``--methods`` scale it down. ``--quick`` (64 px, 8 images, 1 + 2 epochs of 2
 batches, one seed, YOLOv8n and YOLOv3-tiny; about a minute) is the smoke test: its numbers mean nothing.
 
-Writes the section "compare" of benchmarks/RESULTS.md (or ``--results``).
+Writes the section "compare" of benchmarks/RESULTS.md (or ``--results``; ``--section``: another name, e.g. for a
+model whose seeds are not all trained yet: ``--models yolov3 --seeds 0,1 --section compare_yolov3``).
 """
 
 from __future__ import annotations
@@ -589,6 +590,7 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_root", help="the built-in data's cache folder (default ~/.cache/lightning_prune)")
     parser.add_argument("--out", type=Path, help="stages folder, reused when present (default: a temporary one)")
     parser.add_argument("--results", type=Path, default=_results.RESULTS, help="the markdown file to update")
+    parser.add_argument("--section", default="compare", help="its section to write (default compare)")
     args = parser.parse_args(argv)
     for key, (full, quick) in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -659,7 +661,7 @@ def main(argv: list[str] | None = None) -> str:
             *verdicts,
         ]
     )
-    return _results.publish("compare", body, args.results)
+    return _results.publish(args.section, body, args.results)
 
 
 if __name__ == "__main__":

@@ -124,11 +124,12 @@ def test_compare_quick_writes_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n<!-- other:start -->\n## other\n\nkept\n<!-- other:end -->\n")
     args = ["--quick", "--threads", "1", "--data_root", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]
-    body = module.main([*args, "--latency_sizes", "64,96", "--results", str(results)])
+    body = module.main([*args, "--latency_sizes", "64,96", "--results", str(results), "--section", "compare_quick"])
     text = results.read_text()
     assert "| CPU 64 px b1 (ms) | CPU 64 px b8 (ms) | CPU 96 px b1 (ms) | CPU 96 px b8 (ms) |" in body
     assert "at -50% MACs, 96 px, batch 8 |" in body  # a speedup verdict per measured side and batch
-    assert "<!-- compare:start -->" in text and "<!-- compare:end -->" in text and "kept" in text
+    assert "<!-- compare_quick:start -->" in text and "<!-- compare_quick:end -->" in text and "kept" in text
+    assert "compare:start" not in text and module.resolve_args([]).section == "compare"
     for model in ("### yolov8n", "### yolov3-tiny"):
         assert model in body
     for method in ["Baseline", *module.METHODS]:
