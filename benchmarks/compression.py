@@ -91,17 +91,6 @@ def train(
     return out / "out"
 
 
-def yaml_mapping(text: str) -> dict[str, Any]:
-    """``--prune`` / ``--kd``: a YAML mapping; anything else stops the run at parsing."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{weight: 300}}', got {text!r}")
-    return value
-
-
 def default_kd(shared: dict[str, Any]) -> dict[str, Any]:
     """The finetuning's Distillation arguments (besides the teacher) for the recipe's model family."""
     if shared["model"]["class_path"].rsplit(".", 1)[-1] == "YOLOv8":
@@ -154,13 +143,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--finetune_epochs", type=int, default=5)
     parser.add_argument(
         "--prune",
-        type=yaml_mapping,
+        type=distillation.yaml_mapping,
         default={},
         help="StructuredPruning arguments over the defaults, as YAML: '{allocation: latency}'",
     )
     parser.add_argument(
         "--kd",
-        type=yaml_mapping,
+        type=distillation.yaml_mapping,
         help="the finetuning's Distillation arguments besides the teacher, as YAML (default: by family)",
     )
     parser.add_argument("--calibration_images", type=int, default=64)

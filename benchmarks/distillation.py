@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/distillation.py [--recipe recipes/shapes/yolov8n.yaml] [--seeds 0 1 2]
        [--finetune_epochs 3] [--baseline CKPT] [--out DIR] [--steps 12] [--results benchmarks/RESULTS.md]
-       [--kd JSON] [--prune JSON] [extra LightningCLI arguments for every run ...]
+       [--kd YAML] [--prune YAML] [extra LightningCLI arguments for every run ...]
 
 1. mAP: trains the recipe's model once (or takes ``--baseline``), prunes it one-shot to half its MACs
    (StructuredPruning ``--prune``, default ``l2``, ``round_to=8``: the same channels for every run), then finetunes
@@ -146,6 +146,18 @@ def step_section(shared: dict[str, Any], args: argparse.Namespace) -> str:
     return publish("distillation_step", body, args.results)
 
 
+def yaml_mapping(text: str) -> dict[str, Any]:
+    """``--prune`` / ``--kd`` (here and in compression.py): a YAML mapping (JSON is YAML); anything else stops
+    the run at parsing."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{weight: 300}}', got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/shapes/yolov8n.yaml")
@@ -156,9 +168,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=timed_steps, default=12, help="training batches per timed fit")
     parser.add_argument("--rounds", type=int, default=4, help="timed fits per variant, interleaved")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
-    parser.add_argument("--kd", type=json.loads, default=KD, help=f"Distillation's arguments as JSON (default {KD})")
     parser.add_argument(
-        "--prune", type=json.loads, default=PRUNE["init_args"], help="StructuredPruning's arguments as JSON"
+        "--kd", type=yaml_mapping, default=KD, help=f"Distillation's arguments, a YAML mapping (default {KD})"
+    )
+    parser.add_argument(
+        "--prune", type=yaml_mapping, default=PRUNE["init_args"], help="StructuredPruning's arguments, a YAML mapping"
     )
     parser.add_argument("--step_only", action="store_true", help="only the step time, into section distillation_step")
     args, extra = parser.parse_known_args(argv)

@@ -206,10 +206,11 @@ def test_compare_fit_trains_every_module_in_training_mode(tmp_path):
     assert modes and all(modes)
 
 
+@pytest.mark.parametrize("script", ["compression", "distillation"])
 @pytest.mark.parametrize(("flag", "value"), [("--kd", "5"), ("--prune", "[1, 2]"), ("--kd", "{a: [")])
-def test_compression_overrides_must_be_yaml_mappings(flag, value, capsys):
+def test_kd_and_prune_overrides_must_be_yaml_mappings(script, flag, value, capsys):
     with pytest.raises(SystemExit):
-        load("compression").main([flag, value, "--baseline", "/nonexistent.ckpt"])
+        load(script).main([flag, value, "--baseline", "/nonexistent.ckpt"])
     assert f"argument {flag}: expected a YAML mapping" in capsys.readouterr().err
 
 
