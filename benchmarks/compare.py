@@ -43,11 +43,13 @@ peer row: higher mAP50-95 at <= MACs (3% tolerance); its CPU speedup >= 1.8× at
 YOLOv8s-size <= 1 s (calibration excluded). Stated met / NOT met; nothing is asserted.
 
 ``--out DIR`` keeps each stage (``DIR/<model>-<px>px-b<baseline epochs>/seed<s>/baseline.ckpt``, beside it one
-``<method>-e<finetune epochs>-t<target>.pt`` per method) and reuses what is there: a stopped run picks up where it
-was. The full run (yolov8s and yolov3 at 256 px, 3 seeds, 15 + 5 epochs, 10 methods) takes an estimated 2 days on
-2 CPU cores: per model and seed, 15 baseline epochs, 10 × 5 method epochs (on models mostly half as large) and a
-sensitivity analysis of about 10 min; an unpruned epoch on the 1000 training images (no validation) is about 5 min
-for YOLOv8s and 11 for YOLOv3-m (extrapolated by MACs from YOLOv8n at 128 px, 0.35 min on one thread).
+``<method>-e<finetune epochs>-t<target>.pt`` per method and the budget-allocated rows' sensitivity table,
+``sensitivity-r<ratios>-s<selection batches>.json``, with the seconds it took) and reuses what is there: a stopped run
+picks up where it was. The full run (yolov8s and yolov3 at 256 px, 3 seeds, 15 + 5 epochs, 10 methods) takes an
+estimated 2 days on 2 CPU cores: per model and seed, 15 baseline epochs, 10 × 5 method epochs (on models mostly half
+as large) and a sensitivity analysis of about 10 min; an unpruned epoch on the 1000 training images (no validation)
+is about 5 min for YOLOv8s and 11 for YOLOv3-m (extrapolated by MACs from YOLOv8n at 128 px, 0.35 min on one
+thread).
 ``--img_size 128``, fewer ``--seeds`` or ``--methods`` scale it down. ``--quick`` (64 px, 8 images, 1 + 2 epochs of 2
 batches, one seed, YOLOv8n and YOLOv3-tiny; about a minute) is the smoke test: its numbers mean nothing.
 
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import re
 import statistics
@@ -90,7 +93,7 @@ from lightning_prune.export import load_module
 from lightning_prune.models import DetectorModule
 from lightning_prune.pruning import resize_to_state_dict
 from lightning_prune.pruning.checkpoint import import_class
-from lightning_prune.pruning.sensitivity import SensitivityAnalysis
+from lightning_prune.pruning.sensitivity import SensitivityAnalysis, SensitivityResult
 from lightning_prune.report import evaluate_map, latency_ms, model_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +163,7 @@ class Budget:
     ratios: list[float]  # of the sensitivity analysis
     search_iterations: int  # of Torch-Pruning's ratio bisection
     trainer: dict[str, Any]  # more Trainer arguments (the quick run's batch limit)
+    stages: Path | None = None  # the seed's stages folder: the sensitivity table is kept there too
     cache: dict[str, Any] = field(default_factory=dict)  # the sensitivity table (and its seconds), shared by two rows
 
 
@@ -311,9 +315,7 @@ def taylor_iterative(with_kd: bool) -> Method:
 def budget_allocated(with_kd: bool) -> Method:
     def method(base: DetectorModule, data: DetectionDataModule, budget: Budget) -> tuple[nn.Module, float]:
         if "sensitivity" not in budget.cache:  # the same baseline's table serves the rows with and without KD
-            start = time.perf_counter()
-            table = sensitivity_table(base, budget)
-            budget.cache["sensitivity"] = (table, time.perf_counter() - start)
+            budget.cache["sensitivity"] = sensitivity_stage(base, budget)
         table, analysis_s = budget.cache["sensitivity"]
         pruning = StructuredPruning(
             allocation="sensitivity", sensitivity=table, target_macs_ratio=budget.target_macs, round_to=ROUND_TO
@@ -324,7 +326,22 @@ def budget_allocated(with_kd: bool) -> Method:
     return method
 
 
-def sensitivity_table(base: DetectorModule, budget: Budget) -> Any:
+def sensitivity_stage(base: DetectorModule, budget: Budget) -> tuple[SensitivityResult, float]:
+    """The sensitivity table of ``base`` and the seconds it took, from ``budget.stages`` if a run kept it there."""
+    ratios = ",".join(f"{r:g}" for r in budget.ratios)
+    path = None if budget.stages is None else budget.stages / f"sensitivity-r{ratios}-s{len(budget.selection)}.json"
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        return SensitivityResult.from_dict(saved["table"]), float(saved["seconds"])
+    start = time.perf_counter()
+    table = sensitivity_table(base, budget)
+    seconds = time.perf_counter() - start
+    if path is not None:
+        path.write_text(json.dumps({"table": table.to_dict(), "seconds": seconds}))
+    return table, seconds
+
+
+def sensitivity_table(base: DetectorModule, budget: Budget) -> SensitivityResult:
     """Each group of ``base`` pruned alone at ``budget.ratios``, scored by mAP50-95 on the selection batches."""
 
     def evaluate(pruned: nn.Module) -> float:
@@ -424,6 +441,7 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
             args.ratios,
             args.search,
             trainer,
+            folder,
         )
         for name in args.methods:
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -136,7 +136,8 @@ def test_compare_quick_writes_its_section(tmp_path):
         assert f"| {method} |" in body
     for row in ("| SparsityRegularization", "| Distillation", "one pruning event", "beats every peer row"):
         assert row in body
-    assert (tmp_path / "runs/yolov8n-64px-b1-quick/seed0/baseline.ckpt").is_file()  # stages kept for a rerun
+    seed = tmp_path / "runs/yolov8n-64px-b1-quick/seed0"
+    assert (seed / "baseline.ckpt").is_file() and list(seed.glob("sensitivity-r*.json"))  # stages kept for a rerun
 
 
 @pytest.mark.slow
@@ -226,3 +227,14 @@ def test_steps_at_most_the_warm_up_is_refused_before_any_run(script, capsys):
     with pytest.raises(SystemExit):
         load(script).main(["--steps", "2"])
     assert "--steps: expected an int > 2" in capsys.readouterr().err
+
+
+def test_compare_reuses_the_kept_sensitivity_table(tmp_path):
+    from lightning_prune.pruning.sensitivity import SensitivityResult, SensitivityRow
+
+    module = load("compare")
+    budget = module.Budget(5, 0.5, tmp_path / "b.ckpt", {}, {}, [0, 1], [0.25, 0.5], 4, {}, tmp_path)
+    table = SensitivityResult(0.5, 1e6, [0.25, 0.5], {"conv": 16}, [SensitivityRow("conv", 0.5, 0.4, -0.1, 0.2, 8)])
+    (tmp_path / "sensitivity-r0.25,0.5-s2.json").write_text(module.json.dumps({"table": table.to_dict(), "seconds": 7}))
+    loaded, seconds = module.sensitivity_stage(None, budget)  # no model: nothing is analysed again
+    assert loaded.to_dict() == table.to_dict() and seconds == 7.0
