@@ -49,7 +49,7 @@ picks up where it was. The full run (yolov8s and yolov3 at 256 px, 3 seeds, 15 +
 estimated 2 days on 2 CPU cores: per model and seed, 15 baseline epochs, 10 × 5 method epochs (on models mostly half
 as large) and a sensitivity analysis of about 10 min; an unpruned epoch on the 1000 training images (no validation)
 is about 5 min for YOLOv8s and 11 for YOLOv3-m (extrapolated by MACs from YOLOv8n at 128 px, 0.35 min on one
-thread).
+thread). At 128 px a seed took about 40 min for YOLOv8s and 75 for YOLOv3-m (measured, RESULTS).
 ``--img_size 128``, fewer ``--seeds`` or ``--methods`` scale it down. ``--quick`` (64 px, 8 images, 1 + 2 epochs of 2
 batches, one seed, YOLOv8n and YOLOv3-tiny; about a minute) is the smoke test: its numbers mean nothing.
 
