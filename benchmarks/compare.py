@@ -54,7 +54,7 @@ thread). At 128 px a seed took about 40 min for YOLOv8s and 75 for YOLOv3-m (mea
 batches, one seed, YOLOv8n and YOLOv3-tiny; about a minute) is the smoke test: its numbers mean nothing.
 
 Writes the section "compare" of benchmarks/RESULTS.md (or ``--results``; ``--section``: another name, e.g. for a
-model whose seeds are not all trained yet: ``--models yolov3 --seeds 0,1 --section compare_yolov3``).
+model whose seeds are not all trained yet: ``--models yolov3 --seeds 0,1 --section compare_draft``).
 """
 
 from __future__ import annotations
