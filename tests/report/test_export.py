@@ -192,6 +192,13 @@ def test_threads_of_the_session(tmp_path):
     assert OnnxModel(path).session.get_session_options().intra_op_num_threads == torch.get_num_threads()
 
 
+def test_session_threads_do_not_spin_between_runs(tmp_path):
+    """Spinning threads of one session slow the next session's run: interleaved timings need them asleep."""
+    path = export_onnx(nn.Conv2d(3, 4, 1), torch.rand(1, 3, 8, 8), tmp_path / "c.onnx")
+    options = OnnxModel(path).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
 def test_a_missing_extra_names_the_pip_install(tmp_path, monkeypatch, missing):
     path = export_onnx(nn.Conv2d(3, 4, 1), torch.rand(1, 3, 8, 8), tmp_path / "c.onnx")
