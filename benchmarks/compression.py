@@ -194,9 +194,14 @@ def main(argv: list[str] | None = None) -> str:
         report_s = time.perf_counter() - start
         ablation = calibration_ablation(out / "onnx", tuned, data, args.calibration_images)
     shape = tuple(baseline.example_input_array.shape)
+    command = "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
     body = "\n".join(
         [
-            f"Recipe `{args.recipe}` ({shape[-1]} px): "
+            f"Command: `python benchmarks/compression.py{command}`.",
+            "",
+            f"Recipe `{args.recipe}` ({shape[-1]} px"
+            + (f", with `{' '.join(extra)}` for every stage" if extra else "")
+            + "): "
             + (
                 f"baseline `{args.baseline}`"
                 if args.baseline

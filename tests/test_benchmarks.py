@@ -101,6 +101,8 @@ def test_compression_writes_its_section(tmp_path):
         "ONNX Runtime, batch 8",
         "| minmax |",
         "Distillation ({'loss': 'fm_nms', 'weight': 300, 'features': ['neck.td3'",  # YOLOv8: distillation.py's KD
+        f"with `--trainer.max_epochs 1 --data.root {tmp_path / 'cache'}` for every stage",  # to rerun it
+        f"Command: `python benchmarks/compression.py --recipe {recipe} ",
     )
     for row in rows:
         assert row in body
