@@ -36,7 +36,7 @@ class OnnxModel:
     The session's threads sleep as soon as a run ends (``session.intra_op.allow_spinning`` 0). ONNX Runtime's default
     keeps them spinning for the next run, which on a shared CPU takes the cores from whatever runs next: with four
     sessions timed in turn on 2 cores (a YOLOv3-tiny at 256 px and its pruned versions), every run took about 3×
-    as long with spinning (batch 1: 8–11 ms instead of 3–3.4 ms; batch 8: 34–44 ms instead of 13–16 ms) and the
+    as long with spinning (batch 1: 7.5–11 ms instead of 2.9–3.4 ms; batch 8: 34–44 ms instead of 13–16 ms) and the
     ranking of the models changed from round to round.
 
     Args:
