@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
         f"Python {platform.python_version()}"
     )
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that ran ``benchmarks/<script>``: ``argv`` as ``main(argv)`` got it, or the process's."""
+    return " ".join([f"python benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def mean_std(values: list[float]) -> str:

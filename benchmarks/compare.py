@@ -660,10 +660,9 @@ def main(argv: list[str] | None = None) -> str:
         f"| one pruning event on YOLOv8{'n' if args.quick else 's'}-size <= 1 s on 2 CPU cores (calibration excluded; "
         f"{args.threads} threads here) | {event_s:.2f} s | {'met' if event_s <= 1.0 else 'NOT met'} |"
     )
-    command = "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
     body = "\n".join(
         [
-            f"Command: `python benchmarks/compare.py{command}`."
+            f"Command: `{_results.command('compare.py', argv)}`."
             f" Built-in shapes data; seeds {args.seeds}; every method trains {args.finetune_epochs} epochs from the "
             f"same baseline ({args.baseline_epochs} epochs) per seed; MACs target {args.target_macs:.0%} of the "
             f"baseline's; latency: BatchNorm-fused eager forward, the first seed's models interleaved, median of "

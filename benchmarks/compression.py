@@ -37,7 +37,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distillation
-from _results import RESULTS, publish
+from _results import RESULTS, command, publish
 from slimming import run_pipeline
 
 from lightning_prune.cli import load_recipe
@@ -194,10 +194,9 @@ def main(argv: list[str] | None = None) -> str:
         report_s = time.perf_counter() - start
         ablation = calibration_ablation(out / "onnx", tuned, data, args.calibration_images)
     shape = tuple(baseline.example_input_array.shape)
-    command = "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
     body = "\n".join(
         [
-            f"Command: `python benchmarks/compression.py{command}`.",
+            f"Command: `{command('compression.py', argv)}`.",
             "",
             f"Recipe `{args.recipe}` ({shape[-1]} px"
             + (f", with `{' '.join(extra)}` for every stage" if extra else "")
