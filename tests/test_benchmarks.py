@@ -99,7 +99,8 @@ def test_compression_writes_its_section(tmp_path):
         "| Pruned+KD INT8 |",
         "INT8 file <= 0.3",
         "ONNX Runtime, batch 8",
-        "| minmax |",
+        "| minmax | float |",
+        "| entropy | INT8 |",
         "Distillation ({'loss': 'fm_nms', 'weight': 300, 'features': ['neck.td3'",  # YOLOv8: distillation.py's KD
         f"with `--trainer.max_epochs 1 --data.root {tmp_path / 'cache'}` for every stage",  # to rerun it
         f"Command: `python benchmarks/compression.py --recipe {recipe} ",

@@ -17,12 +17,18 @@ pipeline does). Activation ranges are chosen by one of :data:`CALIBRATION_METHOD
 - ``minmax``: the observed range (outliers included);
 - ``percentile``: the ``percentile`` of ``|x|`` (ONNX Runtime's, 2048 bins), clipped to the observed range.
 
+With ``float_outputs`` (default), the nodes that write the graph's outputs stay in float (:func:`output_nodes`: for
+a detector, the head's prediction convs and the concats behind them): their outputs are raw box offsets and class
+logits that the decoding reads at full precision, and they hold a tiny share of the weights. Measured on the
+distilled YOLOv3-m of RESULTS ``compression_yolov3`` (128 px, 64 images): mAP50-95 +0.63 with entropy, +0.94 with
+minmax, file ×0.258 of the fp32 one instead of ×0.257.
+
 Example:
     >>> import tempfile
     >>> from torch import nn
     >>> from lightning_prune.report.export import export_onnx, file_size_mb
     >>> folder = tempfile.mkdtemp()
-    >>> net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3))
+    >>> net = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Conv2d(64, 4, 1))
     >>> fp32 = export_onnx(net, torch.rand(1, 3, 32, 32), f"{folder}/net.onnx")
     >>> int8 = quantize_onnx(fp32, f"{folder}/net.int8.onnx", [torch.rand(2, 3, 32, 32) for _ in range(4)])
     >>> file_size_mb(int8) < 0.35 * file_size_mb(fp32)
@@ -67,6 +73,7 @@ def quantize_onnx(
     method: str = "entropy",
     per_channel: bool = True,
     percentile: float = 99.999,
+    float_outputs: bool = True,
 ) -> Path:
     """Quantize the ONNX file ``fp32_path`` to INT8 (static, QDQ) and write it to ``int8_path``; that path.
 
@@ -87,10 +94,11 @@ def quantize_onnx(
         method: one of :data:`CALIBRATION_METHODS`.
         per_channel: one weight scale per output channel (else one per tensor).
         percentile: the percentile of ``|x|`` kept by ``method="percentile"``, in (0, 100].
+        float_outputs: keep the nodes that compute the graph's outputs in float (:func:`output_nodes`).
 
     Raises:
-        ValueError: an unknown ``method``, ``percentile`` outside (0, 100], ``int8_path`` equal to ``fp32_path``, or
-            no calibration batch.
+        ValueError: an unknown ``method``, ``percentile`` outside (0, 100], ``float_outputs`` not a bool,
+            ``int8_path`` equal to ``fp32_path``, or no calibration batch.
         TypeError: a calibration batch that is not a 4-D tensor.
         FileNotFoundError: ``fp32_path`` is not a file.
         ModuleNotFoundError: the ``export`` extra is not installed.
@@ -99,6 +107,8 @@ def quantize_onnx(
         raise ValueError(f"Expected argument `method` to be one of {list(CALIBRATION_METHODS)} but got {method!r}.")
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
         raise ValueError(f"Expected argument `percentile` to be a float in (0, 100] but got {percentile!r}.")
+    if not isinstance(float_outputs, bool):
+        raise ValueError(f"Expected argument `float_outputs` to be a bool but got {float_outputs!r}.")
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     if not fp32_path.is_file():
         raise FileNotFoundError(
@@ -119,7 +129,11 @@ def quantize_onnx(
         # ONNX Runtime's symbolic shape inference (meant for the symbolic dims of transformers) gives up on the
         # Resize of our necks; ONNX's own shape inference is all a convnet needs
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        input_name = _input_name(onnx.load(str(pre), load_external_data=False))
+        graph = onnx.load(str(pre))
+        if _name_nodes(graph):  # ONNX Runtime excludes nodes by name
+            onnx.save(graph, str(pre))
+        input_name = _input_name(graph)
+        excluded = output_nodes(graph) if float_outputs else []
         extra: dict[str, Any] = {}
         if method == "entropy":
             ranges = _entropy_ranges(pre, _reader(input_name, batches), Path(tmp))
@@ -142,9 +156,33 @@ def quantize_onnx(
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
             calibrate_method=calibrate_method,
+            nodes_to_exclude=excluded,
             extra_options=extra,
         )
     return int8_path
+
+
+#: Ops that only move or gather data: :func:`output_nodes` walks back through them to the nodes that compute.
+LAYOUT_OPS = frozenset({"Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Split"})
+
+
+def output_nodes(model: Any) -> list[str]:
+    """Names of the nodes that compute an ONNX model's outputs: from each graph output, back through
+    :data:`LAYOUT_OPS` (all their inputs) to the first other node on every path; those nodes and the layout ops on
+    the way. For our detectors: the head's prediction convs (YOLOv3: ``preds.*``; YOLOv8: the box and class convs,
+    and the concat that joins them). Nodes without a name are not listed.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found: dict[int, Any] = {}
+    stack = [o.name for o in model.graph.output]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in found:  # a graph input or an initializer; or already walked
+            continue
+        found[id(node)] = node
+        if node.op_type in LAYOUT_OPS:
+            stack.extend(i for i in node.input if i)
+    return sorted(node.name for node in found.values() if node.name)
 
 
 def load_calibration_images(
@@ -233,6 +271,19 @@ def _reader(input_name: str, batches: list[np.ndarray]) -> Any:
             self._items = iter(batches)
 
     return _Batches()
+
+
+def _name_nodes(model: Any) -> bool:
+    """Give every unnamed node of ``model`` a unique name, in place; whether any was unnamed."""
+    taken = {node.name for node in model.graph.node}
+    unnamed = [node for node in model.graph.node if not node.name]
+    for i, node in enumerate(unnamed):
+        name = f"{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+    return bool(unnamed)
 
 
 def _input_name(model: Any) -> str:

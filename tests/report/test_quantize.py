@@ -23,7 +23,9 @@ from lightning_prune.report.onnx_runtime import OnnxModel
 from lightning_prune.report.quantize import (
     CALIBRATION_METHODS,
     _kl_threshold,
+    _name_nodes,
     load_calibration_images,
+    output_nodes,
     quantize_onnx,
 )
 
@@ -102,6 +104,57 @@ def test_the_accuracy_check_fails_on_a_badly_calibrated_model(tmp_path, yolov8n)
     assert mean_centered_cosine(OnnxModel(int8)(yolov8n["held_out"]), yolov8n["expected"]) < 0.15
 
 
+def weight_is_quantized(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
+    """Whether ``node``'s weight (input 1) comes out of a DequantizeLinear (else it is a float initializer)."""
+    return any(n.op_type == "DequantizeLinear" and node.input[1] in n.output for n in graph.node)
+
+
+def test_output_nodes_are_the_head_prediction_convs_and_their_concats(yolov8n):
+    # the adapter's output layers (head.box.<i>.2, head.cls.<i>.2) under the exporter's scope names, and the concats
+    # that join box and class maps per level
+    convs = [f"/head/{kind}.{i}/{kind}.{i}.2/Conv" for kind in ("box", "cls") for i in range(3)]
+    assert len(yolov8n["model"].adapter.output_layers(yolov8n["model"])) == len(convs)
+    concats = ["/head/Concat", "/head/Concat_1", "/head/Concat_2"]
+    assert output_nodes(onnx.load(str(yolov8n["fp32"]))) == sorted(convs + concats)
+
+
+@pytest.mark.parametrize("float_outputs", [True, False])
+def test_float_outputs_keeps_the_output_convs_in_float(tmp_path, yolov8n, float_outputs):
+    int8 = quantize_onnx(
+        yolov8n["fp32"], tmp_path / "int8.onnx", yolov8n["calibration"], method="minmax", float_outputs=float_outputs
+    )
+    graph = onnx.load(str(int8)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    output_ops = {producers[o.name].op_type for o in graph.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    float_convs = [n.name for n in convs if not weight_is_quantized(graph, n)]
+    if float_outputs:
+        assert output_ops == {"Concat"}  # not re-quantized after the concat
+        assert len(float_convs) == 6 and all("/head/" in n for n in float_convs)
+        assert len(convs) - len(float_convs) > 50  # every other conv is int8
+    else:
+        assert output_ops == {"DequantizeLinear"}
+        assert float_convs == []
+
+
+def test_unnamed_nodes_are_named_for_the_exclusion(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    fp32 = export_onnx(net, torch.rand(1, 3, 8, 8), tmp_path / "net.onnx")
+    model = onnx.load(str(fp32))
+    for node in model.graph.node:
+        node.name = ""
+    assert output_nodes(model) == []
+    assert _name_nodes(model) and not _name_nodes(model)  # named once, then nothing left to name
+    names = [n.name for n in model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert output_nodes(model) == [model.graph.node[-1].name]
+    onnx.save(model, str(tmp_path / "unnamed.onnx"))
+    int8 = quantize_onnx(tmp_path / "unnamed.onnx", tmp_path / "unnamed.int8.onnx", [torch.rand(2, 3, 8, 8)])
+    graph = onnx.load(str(int8)).graph
+    last = next(n for n in graph.node if n.op_type == "Conv" and n.output[0] == graph.output[0].name)
+    assert not weight_is_quantized(graph, last)
+
+
 def input_scale(path: Path) -> float:
     """Scale of the QuantizeLinear on the graph input (its activation range / 255)."""
     graph = onnx.load(str(path)).graph
@@ -114,8 +167,12 @@ def test_entropy_clips_outliers_that_minmax_keeps(tmp_path):
     gen = torch.Generator().manual_seed(0)
     batches = [torch.rand(2, 3, 16, 16, generator=gen) for _ in range(4)]
     batches[0][0, 0, 0, 0] = 40.0  # one outlier pixel among 6144
-    scales = {
-        method: input_scale(quantize_onnx(fp32, tmp_path / f"{method}.onnx", batches, method=method, percentile=99.9))
+    scales = {  # the single conv writes the output: with float_outputs nothing would be quantized
+        method: input_scale(
+            quantize_onnx(
+                fp32, tmp_path / f"{method}.onnx", batches, method=method, percentile=99.9, float_outputs=False
+            )
+        )
         for method in CALIBRATION_METHODS
     }
     assert scales["minmax"] == pytest.approx(40.0 / 255, rel=1e-3)  # the observed range, outlier included
@@ -215,6 +272,7 @@ def conv_onnx(tmp_path: Path) -> Path:
         ({"percentile": 0}, ValueError, r"Expected argument `percentile` to be a float in \(0, 100\] but got 0."),
         ({"percentile": 100.5}, ValueError,
          r"Expected argument `percentile` to be a float in \(0, 100\] but got 100.5."),
+        ({"float_outputs": "yes"}, ValueError, r"Expected argument `float_outputs` to be a bool but got 'yes'."),
         ({"fp32_path": "none.onnx"}, FileNotFoundError,
          r"Expected argument `fp32_path` to be an existing ONNX file but got '.*none.onnx'."),
         ({"int8_path": "conv.onnx"}, ValueError,
