@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -34,8 +35,9 @@ def machine() -> str:
 
 
 def command(script: str, argv: list[str] | None) -> str:
-    """The command line that ran ``benchmarks/<script>``: ``argv`` as ``main(argv)`` got it, or the process's."""
-    return " ".join([f"python benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+    """The command line that ran ``benchmarks/<script>``: ``argv`` as ``main(argv)`` got it, or the process's, quoted
+    for a POSIX shell (``--prune '{round_to: 16}'``) so that it can be pasted to rerun."""
+    return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def mean_std(values: list[float]) -> str:

@@ -26,7 +26,8 @@ epochs (same data, seed, optimizer and learning rate, no warmup; pruning steps h
   (``importance="taylor"``, cubic schedule, up to 3 steps over the first half); ``budget-allocated``
   (``lightning_prune.pruning.SensitivityAnalysis`` of the baseline, each group pruned alone at ``--ratios``, scored on
   unaugmented training images, then ``StructuredPruning(allocation="sensitivity", ...)`` one-shot; the analysis's time
-  counts in the compression's). Ours use ``round_to=8``.
+  counts in the compression's). Ours use ``round_to=8`` (``--round_to``: another multiple, kept in stage files of
+  their own).
 
 Columns: params, MACs, CPU latency (BatchNorm-fused eager forward of the first seed's models, all interleaved with
 the baseline; :func:`lightning_prune.report.latency_ms`) at batch 1 and 8, at the training side or at each of
@@ -103,7 +104,7 @@ FAMILIES = {  # family -> (its recipe on the built-in data, the slimming recipe 
 }
 ALIASES = {"yolov3": "yolov3m"}  # the reference YOLOv3 of recipes/coco/yolov3.yaml
 TOLERANCE = 0.03  # StructuredPruning's: a MACs target is met within 3%
-ROUND_TO = 8
+ROUND_TO = 8  # our rows' default `round_to` (--round_to); the file names of other values say it
 # family -> the "+ KD" rows' Distillation (besides teacher and start epoch; the cached runs in --out do not record it).
 # YOLOv8: FM-NMS averages over every candidate while YOLOv8's loss is per positive, weight 1 does nothing there; this is
 # the setting benchmarks/distillation.py measured first (+0.40; its default is now stronger)
@@ -164,6 +165,7 @@ class Budget:
     search_iterations: int  # of Torch-Pruning's ratio bisection
     trainer: dict[str, Any]  # more Trainer arguments (the quick run's batch limit)
     stages: Path | None = None  # the seed's stages folder: the sensitivity table is kept there too
+    round_to: int = ROUND_TO  # our rows' StructuredPruning(round_to=...) and the sensitivity analysis's
     cache: dict[str, Any] = field(default_factory=dict)  # the sensitivity table (and its seconds), shared by two rows
 
 
@@ -289,7 +291,7 @@ def slimming(with_kd: bool) -> Method:
             callbacks.append(SparsityRegularization(**budget.sparsity, stop_epoch=at))
         callbacks.append(
             StructuredPruning(
-                importance="bn_scale", target_macs_ratio=budget.target_macs, epochs=[at], round_to=ROUND_TO
+                importance="bn_scale", target_macs_ratio=budget.target_macs, epochs=[at], round_to=budget.round_to
             )
         )
         return finetune(base, data, budget, callbacks + ([kd(budget, at)] if with_kd else []))
@@ -305,7 +307,7 @@ def taylor_iterative(with_kd: bool) -> Method:
             target_macs_ratio=budget.target_macs,
             schedule="cubic" if len(epochs) > 1 else "one_shot",
             epochs=epochs,
-            round_to=ROUND_TO,
+            round_to=budget.round_to,
         )
         return finetune(base, data, budget, [pruning, *([kd(budget, 0)] if with_kd else [])])
 
@@ -318,7 +320,7 @@ def budget_allocated(with_kd: bool) -> Method:
             budget.cache["sensitivity"] = sensitivity_stage(base, budget)
         table, analysis_s = budget.cache["sensitivity"]
         pruning = StructuredPruning(
-            allocation="sensitivity", sensitivity=table, target_macs_ratio=budget.target_macs, round_to=ROUND_TO
+            allocation="sensitivity", sensitivity=table, target_macs_ratio=budget.target_macs, round_to=budget.round_to
         )
         module, seconds = finetune(base, data, budget, [pruning, *([kd(budget, 0)] if with_kd else [])])
         return module, seconds + analysis_s
@@ -329,7 +331,8 @@ def budget_allocated(with_kd: bool) -> Method:
 def sensitivity_stage(base: DetectorModule, budget: Budget) -> tuple[SensitivityResult, float]:
     """The sensitivity table of ``base`` and the seconds it took, from ``budget.stages`` if a run kept it there."""
     ratios = ",".join(f"{r:g}" for r in budget.ratios)
-    path = None if budget.stages is None else budget.stages / f"sensitivity-r{ratios}-s{len(budget.selection)}.json"
+    name = f"sensitivity-r{ratios}-s{len(budget.selection)}{round_suffix(budget.round_to)}.json"
+    path = None if budget.stages is None else budget.stages / name
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         return SensitivityResult.from_dict(saved["table"]), float(saved["seconds"])
@@ -341,6 +344,11 @@ def sensitivity_stage(base: DetectorModule, budget: Budget) -> tuple[Sensitivity
     return table, seconds
 
 
+def round_suffix(round_to: int) -> str:
+    """What a stage file of our rows adds to its name for a ``round_to`` other than :data:`ROUND_TO`."""
+    return "" if round_to == ROUND_TO else f"-round{round_to}"
+
+
 def sensitivity_table(base: DetectorModule, budget: Budget) -> SensitivityResult:
     """Each group of ``base`` pruned alone at ``budget.ratios``, scored by mAP50-95 on the selection batches."""
 
@@ -348,7 +356,7 @@ def sensitivity_table(base: DetectorModule, budget: Budget) -> SensitivityResult
         return evaluate_map(pruned.eval(), pruned.postprocess, budget.selection)["mAP"]
 
     analysis = SensitivityAnalysis(
-        base, base.example_input_array, evaluate, ratios=budget.ratios, importance="l2", round_to=ROUND_TO
+        base, base.example_input_array, evaluate, ratios=budget.ratios, importance="l2", round_to=budget.round_to
     )
     return analysis.run()
 
@@ -442,10 +450,12 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
             args.search,
             trainer,
             folder,
+            args.round_to,
         )
         for name in args.methods:
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-            path = folder / f"{slug}-e{args.finetune_epochs}-t{args.target_macs:g}.pt"
+            suffix = round_suffix(args.round_to) if name in OURS else ""  # the peers do not round
+            path = folder / f"{slug}-e{args.finetune_epochs}-t{args.target_macs:g}{suffix}.pt"
             try:
                 model, seconds, was_saved = run_method(METHODS[name], ckpt, data, budget, seed, path)
             except Exception as err:  # a method that fails gets its row, the run goes on
@@ -581,6 +591,17 @@ def _sizes(text: str) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
+def _round_to(text: str) -> int:
+    """``--round_to``: a positive int."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a channel multiple >= 1 (e.g. 16), got {text!r}")
+    return value
+
+
 def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 px, 8 images, 1 + 2 epochs, one seed")
@@ -595,6 +616,9 @@ def resolve_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", help="comma-separated subset of the rows (default all)")
     parser.add_argument("--ratios", help=f"of the sensitivity analysis (default {DEFAULTS['ratios'][0]})")
     parser.add_argument("--selection_batches", type=int, help="training batches the sensitivity analysis scores on")
+    parser.add_argument(
+        "--round_to", type=_round_to, default=ROUND_TO, help=f"our rows' channel multiple (default {ROUND_TO})"
+    )
     parser.add_argument("--repeats", type=int, help="timed rounds per latency (default 20)")
     parser.add_argument(
         "--latency_sizes",
@@ -665,9 +689,9 @@ def main(argv: list[str] | None = None) -> str:
             f"Command: `{_results.command('compare.py', argv)}`."
             f" Built-in shapes data; seeds {args.seeds}; every method trains {args.finetune_epochs} epochs from the "
             f"same baseline ({args.baseline_epochs} epochs) per seed; MACs target {args.target_macs:.0%} of the "
-            f"baseline's; latency: BatchNorm-fused eager forward, the first seed's models interleaved, median of "
-            f"{args.repeats} rounds, {args.threads} threads; fidelity = latency speedup ÷ MACs reduction. Baselines, "
-            f"methods, mAP and latency took {train_s / 60:.1f} min."
+            f"baseline's; ours with `round_to={args.round_to}`; latency: BatchNorm-fused eager forward, the first "
+            f"seed's models interleaved, median of {args.repeats} rounds, {args.threads} threads; fidelity = latency "
+            f"speedup ÷ MACs reduction. Baselines, methods, mAP and latency took {train_s / 60:.1f} min."
             + (" **Quick smoke run**: not a measurement." if args.quick else ""),
             "",
             *sections,

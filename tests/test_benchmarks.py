@@ -127,6 +127,7 @@ def test_compare_quick_writes_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n<!-- other:start -->\n## other\n\nkept\n<!-- other:end -->\n")
     args = ["--quick", "--threads", "1", "--data_root", str(tmp_path / "cache"), "--out", str(tmp_path / "runs")]
+    args += ["--round_to", "4"]  # our rows' channel multiple; their stage files say it
     body = module.main([*args, "--latency_sizes", "64,96", "--results", str(results), "--section", "compare_quick"])
     text = results.read_text()
     assert "| CPU 64 px b1 (ms) | CPU 64 px b8 (ms) | CPU 96 px b1 (ms) | CPU 96 px b8 (ms) |" in body
@@ -139,8 +140,11 @@ def test_compare_quick_writes_its_section(tmp_path):
         assert f"| {method} |" in body
     for row in ("| SparsityRegularization", "| Distillation", "one pruning event", "beats every peer row"):
         assert row in body
+    assert "ours with `round_to=4`" in body
     seed = tmp_path / "runs/yolov8n-64px-b1-quick/seed0"
-    assert (seed / "baseline.ckpt").is_file() and list(seed.glob("sensitivity-r*.json"))  # stages kept for a rerun
+    assert (seed / "baseline.ckpt").is_file() and list(seed.glob("sensitivity-r*-round4.json"))  # kept for a rerun
+    assert (seed / "budget_allocated-e2-t0.5-round4.pt").is_file()
+    assert (seed / "torch_pruning_one_shot-e2-t0.5.pt").is_file()  # the peers do not round: their names stay
 
 
 @pytest.mark.slow
@@ -223,6 +227,31 @@ def test_compare_latency_sizes_are_checked_at_parsing(sizes, capsys):
     with pytest.raises(SystemExit):
         load("compare").main(["--latency_sizes", sizes])
     assert "--latency_sizes: expected input sides >= 32" in capsys.readouterr().err
+
+
+def test_the_recorded_command_can_be_pasted_into_a_shell():
+    import shlex
+
+    results = load("_results")
+    argv = ["--prune", "{round_to: 16}", "--out", "/tmp/runs"]
+    line = results.command("compression.py", argv)
+    assert line == "python benchmarks/compression.py --prune '{round_to: 16}' --out /tmp/runs"
+    assert shlex.split(line)[2:] == argv
+
+
+@pytest.mark.parametrize("value", ["0", "x", "-8"])
+def test_compare_round_to_is_checked_at_parsing(value, capsys):
+    with pytest.raises(SystemExit):
+        load("compare").main(["--round_to", value])
+    assert f"--round_to: expected a channel multiple >= 1 (e.g. 16), got '{value}'" in capsys.readouterr().err
+
+
+def test_compare_round_to_other_than_the_default_has_stage_files_of_its_own():
+    module = load("compare")
+    assert module.resolve_args([]).round_to == module.ROUND_TO == 8
+    assert module.resolve_args(["--round_to", "16"]).round_to == 16
+    # the default keeps the names of the stages already cached; another multiple never reuses them
+    assert module.round_suffix(8) == "" and module.round_suffix(16) == "-round16"
 
 
 @pytest.mark.parametrize("script", ["distillation", "slimming", "compare"])
