@@ -137,6 +137,38 @@ def test_float_outputs_keeps_the_output_convs_in_float(tmp_path, yolov8n, float_
         assert float_convs == []
 
 
+def scale_read_by_last_conv(path: Path) -> float:
+    """Scale of the QuantizeLinear whose DequantizeLinear feeds the activation input of a graph's last conv."""
+    graph = onnx.load(str(path)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    conv = [n for n in graph.node if n.op_type == "Conv"][-1]  # nodes are in topological order
+    dequantize = producers[conv.input[0]]
+    quantize = producers[dequantize.input[0]]
+    assert (dequantize.op_type, quantize.op_type) == ("DequantizeLinear", "QuantizeLinear")
+    return float(next(numpy_helper.to_array(i) for i in graph.initializer if i.name == quantize.input[1]))
+
+
+def test_what_the_float_output_convs_read_keeps_its_observed_range(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LeakyReLU(0.1), nn.Conv2d(8, 2, 1))
+    fp32 = export_onnx(net, torch.rand(1, 3, 16, 16), tmp_path / "net.onnx")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand(2, 3, 16, 16, generator=gen) for _ in range(4)]
+    batches[0][0, :, 5:8, 5:8] = 40.0  # one bright spot: an outlier in the activations the last conv reads
+
+    def scale(method: str, float_outputs: bool) -> float:
+        path = tmp_path / f"{method}-{float_outputs}.onnx"
+        return scale_read_by_last_conv(
+            quantize_onnx(fp32, path, batches, method=method, percentile=99.9, float_outputs=float_outputs)
+        )
+
+    observed = scale("minmax", True)
+    assert scale("minmax", False) == pytest.approx(observed)
+    for method in ("entropy", "percentile"):
+        assert scale(method, True) == pytest.approx(observed, rel=1e-3)  # the full range, outliers included
+        assert scale(method, False) < 0.8 * observed  # clipped when the conv is INT8 like the rest (0.69, 0.34)
+
+
 def test_unnamed_nodes_are_named_for_the_exclusion(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
     fp32 = export_onnx(net, torch.rand(1, 3, 8, 8), tmp_path / "net.onnx")
