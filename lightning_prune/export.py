@@ -6,8 +6,9 @@ history, which is replayed before the weights load, so the pruned architecture i
 Every exported file is checked against the PyTorch model on the example input (max |difference| ≤ ``--atol``).
 
 ``--int8`` quantizes the ONNX file with ONNX Runtime's static quantizer (QDQ, entropy calibration by default) on
-``--calibration`` images, or on the training images of ``--config``'s data. With ``--config``, the mAP of the fp32
-and INT8 files is measured through ONNX Runtime on that data's validation split, decoded by the model's own NMS.
+``--calibration`` images, or on the training images of ``--config``'s data; the output convs stay in float unless
+``--int8_outputs``. With ``--config``, the mAP of the fp32 and INT8 files is measured through ONNX Runtime on that
+data's validation split, decoded by the model's own NMS.
 
 Example:
     lightning-prune export --ckpt runs/pruned/last.ckpt --format onnx
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", default=None, help="folder of calibration images for --int8")
     parser.add_argument("--num_calibration", type=int, default=64, help="calibration images (default 64)")
     parser.add_argument("--calibration_method", default="entropy", help="entropy (default), minmax or percentile")
+    parser.add_argument(
+        "--int8_outputs",
+        action="store_true",
+        help="quantize the output convs too (default: they stay in float), for runtimes that run nothing in float",
+    )
     parser.add_argument("--config", default=None, help="recipe whose data calibrates --int8 and measures mAP")
     return parser
 
@@ -152,6 +158,8 @@ def _check_args(known: argparse.Namespace) -> None:
 
     if known.format not in FORMATS:
         raise ValueError(f"Expected argument `--format` to be one of {list(FORMATS)} but got {known.format!r}.")
+    if known.int8_outputs and not known.int8:
+        raise ValueError("Expected `--int8` with `--int8_outputs` (it says how INT8 quantizes) but got no `--int8`.")
     if known.int8 and known.format != "onnx":
         raise ValueError(f"Expected `--format onnx` with `--int8` (INT8 is ONNX Runtime's) but got {known.format!r}.")
     if known.int8 and known.calibration is None and known.config is None:
@@ -217,7 +225,13 @@ def _int8(
         images = load_calibration_images(folder, img_size, limit=known.num_calibration)
     else:
         images = data.calibration_images(known.num_calibration)
-    int8 = quantize_onnx(fp32, fp32.with_suffix(".int8.onnx"), images, method=known.calibration_method)
+    int8 = quantize_onnx(
+        fp32,
+        fp32.with_suffix(".int8.onnx"),
+        images,
+        method=known.calibration_method,
+        float_outputs=not known.int8_outputs,
+    )
     out: dict[str, Any] = {
         "int8_output": str(int8),
         "int8_mb": file_size_mb(int8),

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -97,9 +98,16 @@ def test_int8_from_a_folder_of_images_and_from_a_recipe(pruned_ckpt, tmp_path):
             "minmax",
             "--num_calibration",
             "2",
+            "--int8_outputs",
         ]
     )
     assert summary["calibration_images"] == 2
+    graph = onnx.load(summary["int8_output"]).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    assert {producers[o.name].op_type for o in graph.output} == {"DequantizeLinear"}  # outputs quantized too
+    graph = onnx.load(str(tmp_path / "a.int8.onnx")).graph  # the default: the output convs in float
+    producers = {out: node for node in graph.node for out in node.output}
+    assert "DequantizeLinear" not in {producers[o.name].op_type for o in graph.output}
     assert 0 <= summary["mAP"] <= 1 and 0 <= summary["int8_mAP"] <= 1  # both through ONNX Runtime
 
 
@@ -141,6 +149,8 @@ def test_bad_input(pruned_ckpt, tmp_path, monkeypatch):
         main(["--ckpt", str(ckpt), "--int8"])
     with pytest.raises(FileNotFoundError, match=r"Expected argument `--calibration` to be an existing folder"):
         main(["--ckpt", str(ckpt), "--int8", "--calibration", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match=r"Expected `--int8` with `--int8_outputs` .* but got no `--int8`."):
+        main(["--ckpt", str(ckpt), "--int8_outputs"])
     with pytest.raises(ValueError, match=r"Expected argument `--calibration_method` to be one of"):
         main(["--ckpt", str(ckpt), "--int8", "--calibration", str(tmp_path), "--calibration_method", "kl"])
     with pytest.raises(ValueError, match=r"Expected argument `--atol` to be > 0 but got 0.0."):

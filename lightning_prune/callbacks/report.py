@@ -37,8 +37,9 @@ class CompressionReport(pl.Callback):
     with BatchNorm fused; ONNX Runtime with the ``export`` extra; CUDA when present; at each of ``batch_sizes``,
     medians of interleaved rounds), val mAP50 / mAP50-95 (the module's own decoding and NMS over the whole
     validation set of the data module), and with ``int8`` a row for the compressed model quantized by ONNX Runtime
-    (static, QDQ, ``calibration_method`` on ``calibration_images`` training images; its mAP evaluated through ONNX
-    Runtime). Put it after the pruning callbacks.
+    (static, QDQ, ``calibration_method`` on ``calibration_images`` training images, the output convs in float: see
+    :func:`~lightning_prune.report.quantize.quantize_onnx`; its mAP evaluated through ONNX Runtime). Put it after
+    the pruning callbacks.
 
     Written into ``dirpath`` (default ``<log_dir>/compression_report``): ``compression_report.md`` and ``.json``,
     the ONNX files, and with matplotlib (the ``report`` extra) ``channels.png`` (channels per layer before/after),
