@@ -26,8 +26,9 @@ epochs (same data, seed, optimizer and learning rate, no warmup; pruning steps h
   (``importance="taylor"``, cubic schedule, up to 3 steps over the first half); ``budget-allocated``
   (``lightning_prune.pruning.SensitivityAnalysis`` of the baseline, each group pruned alone at ``--ratios``, scored on
   unaugmented training images, then ``StructuredPruning(allocation="sensitivity", ...)`` one-shot; the analysis's time
-  counts in the compression's). Ours use ``round_to=8`` (``--round_to``: another multiple, kept in stage files of
-  their own).
+  counts in the compression's); ``uniform one-shot`` (``StructuredPruning(importance="l2", global_pruning=False)``,
+  the peers' one ratio for every layer, one step). Ours use ``round_to=8`` (``--round_to``: another multiple, kept in
+  stage files of their own).
 
 Columns: params, MACs, CPU latency (BatchNorm-fused eager forward of the first seed's models, all interleaved with
 the baseline; :func:`lightning_prune.report.latency_ms`) at batch 1 and 8, at the training side or at each of
@@ -46,11 +47,12 @@ YOLOv8s-size <= 1 s (calibration excluded). Stated met / NOT met; nothing is ass
 ``--out DIR`` keeps each stage (``DIR/<model>-<px>px-b<baseline epochs>/seed<s>/baseline.ckpt``, beside it one
 ``<method>-e<finetune epochs>-t<target>.pt`` per method and the budget-allocated rows' sensitivity table,
 ``sensitivity-r<ratios>-s<selection batches>.json``, with the seconds it took) and reuses what is there: a stopped run
-picks up where it was. The full run (yolov8s and yolov3 at 256 px, 3 seeds, 15 + 5 epochs, 10 methods) takes an
-estimated 2 days on 2 CPU cores: per model and seed, 15 baseline epochs, 10 × 5 method epochs (on models mostly half
+picks up where it was. The full run (yolov8s and yolov3 at 256 px, 3 seeds, 15 + 5 epochs, 12 methods) takes an
+estimated 2 days on 2 CPU cores: per model and seed, 15 baseline epochs, 12 × 5 method epochs (on models mostly half
 as large) and a sensitivity analysis of about 10 min; an unpruned epoch on the 1000 training images (no validation)
 is about 5 min for YOLOv8s and 11 for YOLOv3-m (extrapolated by MACs from YOLOv8n at 128 px, 0.35 min on one
-thread). At 128 px a seed took about 40 min for YOLOv8s and 75 for YOLOv3-m (measured, RESULTS).
+thread). At 128 px a seed of the first 10 methods took about 40 min for YOLOv8s and 75 for YOLOv3-m (measured,
+RESULTS).
 ``--img_size 128``, fewer ``--seeds`` or ``--methods`` scale it down. ``--quick`` (64 px, 8 images, 1 + 2 epochs of 2
 batches, one seed, YOLOv8n and YOLOv3-tiny; about a minute) is the smoke test: its numbers mean nothing.
 
@@ -314,6 +316,18 @@ def taylor_iterative(with_kd: bool) -> Method:
     return method
 
 
+def uniform_one_shot(with_kd: bool) -> Method:
+    """Our callback in the peers' setting: one ratio for every layer (``global_pruning=False``, ``l2``), one shot."""
+
+    def method(base: DetectorModule, data: DetectionDataModule, budget: Budget) -> tuple[nn.Module, float]:
+        pruning = StructuredPruning(
+            importance="l2", target_macs_ratio=budget.target_macs, global_pruning=False, round_to=budget.round_to
+        )
+        return finetune(base, data, budget, [pruning, *([kd(budget, 0)] if with_kd else [])])
+
+    return method
+
+
 def budget_allocated(with_kd: bool) -> Method:
     def method(base: DetectorModule, data: DetectionDataModule, budget: Budget) -> tuple[nn.Module, float]:
         if "sensitivity" not in budget.cache:  # the same baseline's table serves the rows with and without KD
@@ -373,6 +387,7 @@ OURS: dict[str, Method] = {
         ("slimming", slimming),
         ("Taylor iterative", taylor_iterative),
         ("budget-allocated", budget_allocated),
+        ("uniform one-shot", uniform_one_shot),
     )
     for with_kd in (False, True)
 }
