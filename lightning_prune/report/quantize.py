@@ -22,11 +22,11 @@ a detector, the head's prediction convs and the concats behind them), and the ac
 observed range under every method: those convs turn them straight into raw box offsets and class logits with no
 INT8 layer after them, so a clipping threshold there cuts the rarest, largest values right out of the outputs (the
 KL threshold kept 30% of the observed range of the stride-8 head features of the YOLOv3-m baseline below). The
-output convs hold a tiny share of the weights. Measured on YOLOv3-m at
-128 px (the distilled model of RESULTS ``compression_yolov3`` / its unpruned baseline, 64 images), mAP50-95 against
-the fp32 file: entropy −0.63 / −2.70 instead of −2.08 / −4.84, minmax −0.31 / −0.03 instead of −1.25 / −0.51,
-percentile −0.09 / +0.11 instead of −0.77 / −0.86; file ×0.2575 instead of ×0.2565 of the fp32 one. On a YOLOv8n
-(15 epochs at 128 px) every method stays within 0.4 of fp32 either way.
+output convs hold a tiny share of the weights. Measured on YOLOv3-m at 128 px (the distilled model of RESULTS
+``compression_yolov3`` / its unpruned baseline, 64 images), mAP50-95 against the fp32 file: entropy −0.63 / −2.70
+instead of −2.08 / −4.84, minmax −0.31 / −0.03 instead of −1.25 / −0.51, percentile −0.09 / +0.11 instead of
+−0.77 / −0.86; file ×0.2575 instead of ×0.2565 of the fp32 one. On a YOLOv8n (15 epochs at 128 px) every method
+stays within 0.4 of fp32 either way.
 
 Example:
     >>> import tempfile
@@ -310,7 +310,7 @@ def _clipped_ranges(
     )
     calibrator.collect_data(reader)
     histograms = calibrator.collector.histogram_dict
-    percentiles = {} if entropy else calibrator.compute_data()
+    percentiles: Any = {} if entropy else calibrator.compute_data()  # TensorsData: {tensor: its range}
     ranges = {}
     for name, (hist, edges, lowest, highest, *_) in histograms.items():
         lowest, highest = float(np.min(lowest)), float(np.max(highest))
