@@ -469,7 +469,7 @@ def compare_model(spec: Spec, args: argparse.Namespace, out: Path) -> dict[str, 
         )
         for name in args.methods:
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-            suffix = round_suffix(args.round_to) if name in OURS else ""  # the peers do not round
+            suffix = round_suffix(budget.round_to) if name in OURS else ""  # the peers do not round
             path = folder / f"{slug}-e{args.finetune_epochs}-t{args.target_macs:g}{suffix}.pt"
             try:
                 model, seconds, was_saved = run_method(METHODS[name], ckpt, data, budget, seed, path)
