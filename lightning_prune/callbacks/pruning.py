@@ -295,6 +295,12 @@ class StructuredPruning(pl.Callback):
         self.netadapt_finetune_batches = int(netadapt_finetune_batches)
         self._netadapt_state: dict[str, torch.Tensor] | None = None  # the finetuned winner's weights (rank 0)
         self.block_importance = resolve_block_importance(block_importance)
+        #: how the log names the block criterion: its name, or the callable's
+        self._block_criterion = (
+            block_importance
+            if isinstance(block_importance, str)
+            else getattr(block_importance, "__qualname__", type(block_importance).__name__)
+        )
         self.layer_ratios = _layer_schedules(layer_ratios, schedule, len(epochs))
         if reduction == 0 and not isinstance(reduction, bool) and (self.layer_ratios or self.remove_blocks):
             # only the layers of `layer_ratios` (e.g. a sensitivity YAML) shrink, or only blocks go
@@ -647,7 +653,7 @@ class StructuredPruning(pl.Callback):
         for optimizer in trainer.optimizers:
             tracker.patch(optimizer)
         rank_zero_info(
-            f"StructuredPruning removed {len(records)} residual blocks (lowest {self.block_importance!r}): "
+            f"StructuredPruning removed {len(records)} residual blocks (lowest {self._block_criterion}): "
             + ", ".join(r["module"] for r in records)
         )
         return records

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -27,7 +29,7 @@ def weaken(model: nn.Module, names: list[str]) -> None:
                 nn.init.constant_(module.weight, 0.01 if block in names else 1.0)
 
 
-def test_the_weakest_blocks_go_and_training_continues(tmp_path):
+def test_the_weakest_blocks_go_and_training_continues(tmp_path, caplog):
     pl.seed_everything(0)
     model = FAMILIES["yolov3"]()
     blocks = find_residual_blocks(model, model.example_input_array)
@@ -36,8 +38,11 @@ def test_the_weakest_blocks_go_and_training_continues(tmp_path):
     before = model_stats(model, model.example_input_array)
     callback, recorder = StructuredPruning(pruning_ratio=0.0, remove_blocks=2), Recorder()
     trainer = make_trainer(tmp_path, [callback, recorder], max_epochs=2)
-    trainer.fit(model, make_loader())
+    with caplog.at_level(logging.INFO):
+        trainer.fit(model, make_loader())
 
+    # the log names the criterion and the blocks, not the scoring function's repr
+    assert f"removed 2 residual blocks (lowest bn_scale): {', '.join(sorted(weak, key=blocks.index))}" in caplog.text
     assert [type(model.get_submodule(b)) is nn.Identity for b in blocks] == [b in weak for b in blocks]
     (step,) = pruning_history(model).steps
     assert step == [{"module": b, "kind": "block", "idxs": [], "size": None} for b in sorted(weak, key=blocks.index)]
