@@ -6,8 +6,9 @@ Channel pruning removes MACs, but not the work that does not scale with the prun
 per op, the image's 3 input channels, the head's output convs (anchors/DFL bins × classes), the box decoding. This
 measures that floor: every prunable conv group of the model is cut to a single channel (Torch-Pruning's dependency
 graph, the head's output convs kept), and the BatchNorm-fused eager forward of the floor model
-is timed interleaved with the unpruned one (median of ``--repeats``), for the two models the other sections
-measure: YOLOv8s (80 classes) at 320 and 640 px, YOLOv8n (4 classes, the shapes recipes) at 256 px; batch 1 and 8.
+is timed interleaved with the unpruned one (median of ``--repeats``), for the models the other sections measure:
+YOLOv8s (80 classes) at 320 and 640 px, YOLOv8n (4 classes, the shapes recipes) at 256 px, YOLOv3-m (4 classes, the
+``compare`` and ``compression_yolov3`` model) at 128 px; batch 1 and 8.
 
 Two ceilings on the speedup fidelity (speedup ÷ MACs reduction) follow, for a pruned model left with a fraction
 ``r`` of the MACs:
@@ -36,13 +37,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _results
 from pruning_speed import build, macs, time_pair
 
-from lightning_prune.models.yolov8 import YOLOv8
+from lightning_prune.models.base import DetectorModule
+from lightning_prune.models.yolov3 import YOLOv3
 from lightning_prune.report.fuse import fuse_batchnorm
 
 REMAINING = (0.75, 0.5, 0.25)  # MACs left: the -25/-50/-75% cuts of issues #3 and #6
 
 
-def floor_model(model: YOLOv8, size: int) -> YOLOv8:
+def floor_model(model: DetectorModule, size: int) -> DetectorModule:
     """``model`` (in place) with every prunable conv group cut to its first channel, the head's outputs kept."""
     ignored = [model.get_submodule(n) for n in model.adapter.output_layers(model)]
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, size, size))
@@ -51,6 +53,12 @@ def floor_model(model: YOLOv8, size: int) -> YOLOv8:
         if conv.out_channels > 1:  # groups are collected up front: re-fetch against the current widths
             graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(range(1, conv.out_channels))).prune()
     return model.eval()
+
+
+def yolov3(scale: str, classes: int) -> YOLOv3:
+    """A YOLOv3 of random weights (the floor and the ceilings depend on the structure only)."""
+    torch.manual_seed(0)
+    return YOLOv3(scale, num_classes=classes, img_size=128).eval()
 
 
 def ceilings(t: float, t_floor: float, r0: float, r: float) -> tuple[float, float]:
@@ -72,11 +80,18 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 10)
-    models = [("n", 4, [128], [1])] if args.quick else [("s", 80, [320, 640], [1, 8]), ("n", 4, [256], [1, 8])]
+    models = (
+        [("YOLOv8n", build("n", 4), 4, [128], [1])]
+        if args.quick
+        else [
+            ("YOLOv8s", build("s", 80), 80, [320, 640], [1, 8]),
+            ("YOLOv8n", build("n", 4), 4, [256], [1, 8]),
+            ("YOLOv3-m", yolov3("m", 4), 4, [128], [1, 8]),
+        ]
+    )
 
     rows = []
-    for scale, classes, sizes, batches in models:
-        base = build(scale, classes)
+    for label, base, classes, sizes, batches in models:
         floor = floor_model(copy.deepcopy(base), min(sizes))
         r0 = macs(floor, min(sizes)) / macs(base, min(sizes))
         fused_base, fused_floor = (fuse_batchnorm(m, torch.zeros(1, 3, 64, 64)) for m in (base, floor))
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> str:
                 t, t_floor = time_pair(fused_base, fused_floor, torch.randn(batch, 3, size, size), repeats)
                 bounds = [ceilings(t, t_floor, r0, r) for r in REMAINING]
                 rows.append(
-                    f"| YOLOv8{scale} ({classes} classes) | {size} | {batch} | {t * 1e3:.1f} | {t_floor * 1e3:.1f} "
+                    f"| {label} ({classes} classes) | {size} | {batch} | {t * 1e3:.1f} | {t_floor * 1e3:.1f} "
                     f"({t_floor / t:.0%}) | {r0:.3f} | "
                     + " | ".join(f"{linear:.2f} ({strict:.2f})" for strict, linear in bounds)
                     + " |"

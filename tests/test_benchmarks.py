@@ -184,12 +184,14 @@ def test_latency_floor_writes_its_section(tmp_path):
     assert "| YOLOv8n (4 classes) | 128 | 1 |" in body
 
 
-def test_the_floor_model_keeps_one_channel_per_group_and_the_output_shapes():
+@pytest.mark.parametrize("family", ["yolov8", "yolov3"])
+def test_the_floor_model_keeps_one_channel_per_group_and_the_output_shapes(family):
     import torch
 
     floor = load("latency_floor")
-    base = floor.build("n", 4)
-    model = floor.floor_model(floor.build("n", 4), 64)
+    make = (lambda: floor.build("n", 4)) if family == "yolov8" else (lambda: floor.yolov3("tiny", 4))
+    base = make()
+    model = floor.floor_model(make(), 64)
     outputs = set(model.adapter.output_layers(model))
     for name, conv in model.named_modules():
         if isinstance(conv, torch.nn.Conv2d) and name not in outputs:
