@@ -109,6 +109,27 @@ def test_compression_writes_its_section(tmp_path):
         assert row in body
 
 
+def test_compression_fidelity_verdict_is_the_median_of_the_runs():
+    compression = load("compression")
+    base = {"macs": 2.0, "latency_ms": {"cpu_b1": 10.0, "ort_b1": 10.0}}
+    fp32 = {"macs": 1.0, "onnx_mb": 4.0, "mAP": 0.5, "latency_ms": {"cpu_b1": 5.0, "ort_b1": 6.0}}
+    int8 = {"macs": 1.0, "onnx_mb": 1.0, "mAP": 0.495, "latency_ms": {}}
+    # the report's own run: cpu 1.00, ort 0.83; three more runs each
+    lines = compression.targets([base, fp32, int8], {"cpu_b1": [1.6, 1.6, 1.5], "ort_b1": [1.9, 2.0, 1.8]})
+    cpu = next(line for line in lines if "CPU eager, batch 1" in line)
+    ort = next(line for line in lines if "ONNX Runtime, batch 1" in line)
+    assert "0.80, median of 4 runs (0.75–1.00; the table's 1.00)" in cpu and cpu.endswith("| NOT met |")
+    assert "0.93, median of 4 runs (0.83–1.00; the table's 0.83)" in ort and ort.endswith("| met |")
+    (alone,) = (line for line in compression.targets([base, fp32, int8]) if "CPU eager" in line)
+    assert "| 1.00, ×2.00 fewer MACs | met |" in alone
+
+
+def test_compression_refuses_negative_latency_runs(capsys):
+    with pytest.raises(SystemExit):
+        load("compression").main(["--latency_runs", "-1"])
+    assert "--latency_runs: expected an int >= 0 but got -1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_distillation_step_only_writes_its_own_section(tmp_path):
     from test_pipeline import tiny
