@@ -107,18 +107,19 @@ def default_kd(shared: dict[str, Any]) -> dict[str, Any]:
     return {"loss": "fm_nms", "weight": 1.0}
 
 
-def calibration_ablation(folder: Path, model: Any, data: DetectionDataModule, images: int) -> dict[tuple, dict]:
+def calibration_ablation(fp32: Path, model: Any, data: DetectionDataModule, images: int) -> dict[tuple, dict]:
     """The compressed model's fp32 ONNX file quantized with each calibration method, its output convs in float
     (``quantize_onnx``'s default) and in INT8 like the rest: size and mAP through ORT, keyed (method, float outputs).
+    The INT8 files are written beside ``fp32``.
     """
-    fp32 = folder / "pruned_kd.onnx"
+    folder, stem = fp32.parent, fp32.stem
     calibration = data.calibration_images(images)
     out = {}
     for method in CALIBRATION_METHODS:
         for float_outputs in (True, False):
             path = quantize_onnx(
                 fp32,
-                folder / f"pruned_kd.{method}{'' if float_outputs else '-int8-outputs'}.int8.onnx",
+                folder / f"{stem}.{method}{'' if float_outputs else '-int8-outputs'}.int8.onnx",
                 calibration,
                 method=method,
                 float_outputs=float_outputs,
@@ -250,16 +251,17 @@ def main(argv: list[str] | None = None) -> str:
             calibration=data.calibration_images(args.calibration_images),
             repeats=args.repeats,
         )
+        fp32_files = (Path(rows[0]["onnx_file"]), Path(rows[1]["onnx_file"]))
         more = speedup_runs(
             (baseline, tuned),
-            (out / "onnx" / "baseline.onnx", out / "onnx" / "pruned_kd.onnx"),
+            fp32_files,
             baseline.example_input_array,
             sorted(k for k in rows[1]["latency_ms"] if k.split("_b")[0] in ("cpu", "ort")),
             args.latency_runs,
             args.repeats,
         )
         report_s = time.perf_counter() - start
-        ablation = calibration_ablation(out / "onnx", tuned, data, args.calibration_images)
+        ablation = calibration_ablation(fp32_files[1], tuned, data, args.calibration_images)
     shape = tuple(baseline.example_input_array.shape)
     body = "\n".join(
         [

@@ -74,8 +74,9 @@ def compression_report(
 
     Returns:
         One dict per row: ``name``, ``format`` (``pytorch`` / ``onnx-int8``), ``params``, ``macs``, ``size_mb``,
-        ``onnx_mb`` (``None`` without ONNX), ``latency_ms`` (``{"cpu_b1": ..., "ort_b8": ...}``; absent keys were
-        not measured for that row), ``mAP`` and ``mAP50`` (``None`` without data).
+        ``onnx_mb`` and ``onnx_file`` (the exported file's size and path; ``None`` without ONNX), ``latency_ms``
+        (``{"cpu_b1": ..., "ort_b8": ...}``; absent keys were not measured for that row), ``mAP`` and ``mAP50``
+        (``None`` without data).
 
     Raises:
         ValueError: no model, an unknown runtime, a batch size < 1, ``int8`` without ``calibration``, ``ort``/``int8``
@@ -111,6 +112,7 @@ def compression_report(
             **model_stats(model, example),
             "size_mb": _saved_mb(model),
             "onnx_mb": None,
+            "onnx_file": None,
             "latency_ms": {},
             "mAP": None,
             "mAP50": None,
@@ -126,7 +128,7 @@ def compression_report(
         exported = models if "ort" in runtimes else {last_name: last}
         for name, model in exported.items():
             path = export_onnx(model, example, out / f"{_slug(name)}.onnx")
-            rows[list(models).index(name)]["onnx_mb"] = file_size_mb(path)
+            rows[list(models).index(name)].update(onnx_mb=file_size_mb(path), onnx_file=str(path))
             onnx_paths.append(path)
     if int8:
         from lightning_prune.report.export import file_size_mb
@@ -144,6 +146,7 @@ def compression_report(
                 "format": "onnx-int8",
                 "size_mb": size,
                 "onnx_mb": size,
+                "onnx_file": str(int8_path),
                 "latency_ms": {},
             }
         )

@@ -142,6 +142,9 @@ def test_onnx_runtime_columns_and_the_int8_row(tmp_path, shapes_root):
     assert int8["params"] == compressed["params"] and int8["mAP"] is not None
     out = tmp_path / "logs" / "version_0" / "compression_report"
     assert {p.name for p in out.glob("*.onnx")} == {"original.onnx", "compressed.onnx", "compressed.int8.onnx"}
+    assert [row["onnx_file"] for row in report.rows] == [
+        str(out / name) for name in ("original.onnx", "compressed.onnx", "compressed.int8.onnx")
+    ]
     assert "Compressed INT8 vs Compressed: " in (out / "compression_report.md").read_text()
 
 

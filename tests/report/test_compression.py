@@ -33,6 +33,7 @@ def test_rows_measure_both_models_and_leave_them_untouched(tmp_path):
     assert big["params"] == sum(p.numel() for p in original.parameters())
     assert small["macs"] < big["macs"] and small["size_mb"] < big["size_mb"]
     assert set(big["latency_ms"]) == {"cpu_b1", "cpu_b3"} and big["mAP"] is None and big["onnx_mb"] is None
+    assert big["onnx_file"] is None and small["onnx_file"] is None
     assert compressed.training and isinstance(compressed[1], nn.BatchNorm2d)  # timed on fused eval copies
     md, js = write_report(rows, tmp_path, (1, 3, 32, 32))
     assert json.loads(js.read_text())["rows"] == rows
