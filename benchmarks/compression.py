@@ -107,13 +107,14 @@ def default_kd(shared: dict[str, Any]) -> dict[str, Any]:
     return {"loss": "fm_nms", "weight": 1.0}
 
 
-def calibration_ablation(fp32: Path, model: Any, data: DetectionDataModule, images: int) -> dict[tuple, dict]:
+def calibration_ablation(
+    fp32: Path, model: Any, data: DetectionDataModule, calibration: list[Any]
+) -> dict[tuple, dict]:
     """The compressed model's fp32 ONNX file quantized with each calibration method, its output convs in float
     (``quantize_onnx``'s default) and in INT8 like the rest: size and mAP through ORT, keyed (method, float outputs).
-    The INT8 files are written beside ``fp32``.
+    The INT8 files are written beside ``fp32``; ``calibration``: the report's calibration batches.
     """
     folder, stem = fp32.parent, fp32.stem
-    calibration = data.calibration_images(images)
     out = {}
     for method in CALIBRATION_METHODS:
         for float_outputs in (True, False):
@@ -151,6 +152,17 @@ def speedup_runs(
                 base_ms, pruned_ms = onnx_latency_ms(list(onnx_files), x, repeats=repeats)
             speedups[key].append(base_ms / pruned_ms)
     return speedups
+
+
+def _runs(text: str) -> int:
+    """``--latency_runs``'s type: a count >= 0."""
+    try:
+        runs = int(text)
+    except ValueError:
+        runs = -1
+    if runs < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0 but got {text}")
+    return runs
 
 
 def targets(rows: list[dict[str, Any]], more_speedups: dict[str, list[float]] | None = None) -> list[str]:
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per latency")
     parser.add_argument(
         "--latency_runs",
-        type=int,
+        type=_runs,
         default=3,
         help="more independent timings of the fp32 pair for the fidelity targets (their median decides)",
     )
@@ -216,8 +228,6 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file to update")
     parser.add_argument("--section", default="compression", help="its section to write (default compression)")
     args, extra = parser.parse_known_args(argv)
-    if args.latency_runs < 0:
-        parser.error(f"argument --latency_runs: expected an int >= 0 but got {args.latency_runs}")
     shared = {k: v for k, v in load_recipe(ROOT / args.recipe).items() if k != "pipeline"}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
@@ -240,6 +250,7 @@ def main(argv: list[str] | None = None) -> str:
         data = DetectionDataModule(**data_args)
         data.setup("fit")
         start = time.perf_counter()
+        calibration = data.calibration_images(args.calibration_images)
         rows = compression_report(
             {"Baseline": baseline, "Pruned+KD": copy.deepcopy(tuned)},
             baseline.example_input_array,
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> str:
             out_dir=out / "onnx",
             runtimes=["cpu", "ort"],
             int8=True,
-            calibration=data.calibration_images(args.calibration_images),
+            calibration=calibration,
             repeats=args.repeats,
         )
         fp32_files = (Path(rows[0]["onnx_file"]), Path(rows[1]["onnx_file"]))
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> str:
             args.repeats,
         )
         report_s = time.perf_counter() - start
-        ablation = calibration_ablation(fp32_files[1], tuned, data, args.calibration_images)
+        ablation = calibration_ablation(fp32_files[1], tuned, data, calibration)
     shape = tuple(baseline.example_input_array.shape)
     body = "\n".join(
         [
